@@ -1,0 +1,53 @@
+"""The `mambamia` command: one entry point, one subcommand per job.
+
+    mambamia convert   annotations (+ videos or feature files) -> WebDataset shards
+    mambamia extract   videos -> feature shards (no annotations needed)
+    mambamia train     one training stage from a YAML config with dotted overrides
+    mambamia export    a run's checkpoint -> consolidated HF-style folder
+    mambamia eval      score an exported model on multiple-choice / open-ended shards
+    mambamia demo      the laptop-sized end-to-end run (synthetic videos, tiny models)
+
+Each subcommand lives in its own module and parses its own arguments, so `mambamia X --help`
+explains X fully. Imports are lazy: `mambamia convert` never imports DeepSpeed.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module:function, one-line summary). Each function takes argv (list[str]) and returns an
+# exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("data.cli:convert_main", "annotations + videos/feature files -> WebDataset shards"),
+    "extract": ("data.cli:extract_main", "videos -> frame-feature shards with a local vision encoder"),
+    "train": ("trainer.train:main", "train one stage: mambamia train CONFIG.yaml [key.sub=value ...]"),
+    "export": ("trainer.export:main", "RUN_DIR OUT_DIR: consolidated folder loadable without DeepSpeed"),
+    "eval": ("trainer.evaluate:main", "EXPORT_DIR SHARDS: multiple-choice accuracy / open-ended answers"),
+    "demo": ("trainer.demo:main", "end-to-end run on synthetic videos with tiny local models"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mambamia COMMAND [args...]", "", "commands:"]
+    lines += [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `mambamia COMMAND --help` for the arguments of each command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mambamia: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[name]
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
