@@ -1,0 +1,253 @@
+"""Writing feature shards and the dataset index (format: ../shared/DESIGN.md, "The shard format").
+
+A shard is a plain POSIX tar holding, per video, `<key>.features.npy` (float16 [F, P, D]) and
+`<key>.json` (the record metadata). Each rank writes its own shards with deterministic names,
+`<prefix>-r<rank>-<n>.tar`, always first under a temporary name that is renamed once the tar is
+complete and synced. A rerun after a kill therefore finds two kinds of files: complete shards
+(their keys are skipped) and at most one temporary partial shard per rank (deleted and rewritten).
+
+    with ShardWriter("out", rank=0, max_samples=500) as writer:
+        for key, features, meta in records:
+            if key not in writer.done_keys:
+                writer.write(key, features, meta)
+    write_index("out")   # once every rank has finished
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+INDEX_NAME = "index.json"
+INDEX_VERSION = 1
+TEMP_SUFFIX = ".partial"
+FEATURES_EXT = "features.npy"
+META_EXT = "json"
+
+# webdataset splits a member name at the first dot of its basename to find the key, and a slash
+# would make the key a directory path: keys are restricted so the stock reader groups members right.
+# The ustar header holds 100-byte names: the key plus ".features.npy" must fit.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_SHARD_RE = re.compile(r"^(?P<prefix>.+)-r(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
+_TAR_BLOCK = 512
+
+
+def shard_name(prefix: str, rank: int, n: int) -> str:
+    return f"{prefix}-r{rank:05d}-{n:06d}.tar"
+
+
+def check_key(key: str) -> None:
+    if not _KEY_RE.match(key):
+        raise ValueError(f"shard key {key!r}: expected 1-80 letters, digits, '_' or '-' "
+                         "(webdataset splits keys at dots and slashes)")
+
+
+def completed_shards(out_dir: str | Path, *, prefix: str | None = None,
+                     rank: int | None = None) -> list[Path]:
+    """Complete shards in `out_dir`, sorted by name, optionally only one prefix and/or rank."""
+    found = []
+    for path in sorted(Path(out_dir).glob("*.tar")):
+        m = _SHARD_RE.match(path.name)
+        if m is None:
+            continue
+        if prefix is not None and m["prefix"] != prefix:
+            continue
+        if rank is not None and int(m["rank"]) != rank:
+            continue
+        found.append(path)
+    return found
+
+
+def shard_keys(path: str | Path) -> list[str]:
+    """Sample keys of a shard in order, read from the tar headers only (data blocks are skipped)."""
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def _tar_member_bytes(payload_size: int) -> int:
+    blocks = -(-payload_size // _TAR_BLOCK)
+    return _TAR_BLOCK + blocks * _TAR_BLOCK  # header + padded data (no PAX headers: names are ASCII)
+
+
+def _tar_file_bytes(members_bytes: int) -> int:
+    """Final file size: members, two zero end blocks, then padding to tarfile's 10 KiB record."""
+    return -(-(members_bytes + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def encode_features(features: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(features), allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardWriter:
+    """Writes records into size-bounded tar shards for one rank; resumable after a kill.
+
+    On entry, stale temporary shards of this (prefix, rank) are removed and the keys of its complete
+    shards are collected in `done_keys`; new shards continue the numbering after the last complete
+    one. On a clean exit the open shard is completed; on an exception it is discarded (a rerun
+    rewrites it), which keeps "complete shard" equivalent to "renamed file".
+    """
+
+    def __init__(self, out_dir: str | Path, *, prefix: str = "shard", rank: int = 0,
+                 max_samples: int = 1000, max_bytes: int = 1 << 30):
+        if rank < 0:
+            raise ValueError(f"ShardWriter rank: expected >= 0, got {rank}")
+        if max_samples < 1 or max_bytes < 1:
+            raise ValueError(f"ShardWriter: max_samples and max_bytes must be >= 1, "
+                             f"got {max_samples} and {max_bytes}")
+        if not prefix or "/" in prefix:
+            raise ValueError(f"ShardWriter prefix: expected a plain file-name prefix, got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.prefix = prefix
+        self.rank = rank
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.done_keys: set[str] = set()
+        self.written: list[Path] = []  # shards completed by this writer (not earlier runs)
+        self.samples_written = 0
+        self.bytes_written = 0
+        self._next_n = 0
+        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._tmp_path: Path | None = None
+        self._count = 0
+        self._size = 0
+        self._keys_in_open: set[str] = set()
+
+    def __enter__(self) -> ShardWriter:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        pattern = shard_name(self.prefix, self.rank, 0).replace("000000", "*") + TEMP_SUFFIX
+        for stale in self.out_dir.glob(pattern):
+            stale.unlink()
+        for path in completed_shards(self.out_dir, prefix=self.prefix, rank=self.rank):
+            self.done_keys.update(shard_keys(path))
+            self._next_n = max(self._next_n, int(_SHARD_RE.match(path.name)["n"]) + 1)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._finish_shard()
+        else:
+            self._abort_shard()
+
+    def write(self, key: str, features: np.ndarray, meta: dict) -> None:
+        check_key(key)
+        if key in self.done_keys or key in self._keys_in_open:
+            raise ValueError(f"shard key {key!r} written twice by rank {self.rank}")
+        if not isinstance(features, np.ndarray) or features.dtype != np.float16 or features.ndim != 3:
+            got = (f"{features.dtype} array of shape {features.shape}"
+                   if isinstance(features, np.ndarray) else type(features).__name__)
+            raise ValueError(f"record {key!r} features: expected a float16 [F, P, D] array, got {got}")
+        if not np.isfinite(features).all():
+            raise ValueError(f"record {key!r} features: contain NaN or inf")
+        npy = encode_features(features)
+        meta_bytes = json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        record_bytes = _tar_member_bytes(len(npy)) + _tar_member_bytes(len(meta_bytes))
+        if self._tar is not None and self._count and _tar_file_bytes(self._size + record_bytes) > self.max_bytes:
+            self._finish_shard()
+        if self._tar is None:
+            self._open_shard()
+        self._add(f"{key}.{FEATURES_EXT}", npy)
+        self._add(f"{key}.{META_EXT}", meta_bytes)
+        self._keys_in_open.add(key)
+        self._count += 1
+        self._size += record_bytes
+        if self._count >= self.max_samples:
+            self._finish_shard()
+
+    def _add(self, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        info.mode = 0o644
+        info.mtime = 0  # identical inputs give byte-identical shards (and checksums)
+        self._tar.addfile(info, io.BytesIO(payload))
+
+    def _open_shard(self) -> None:
+        final = self.out_dir / shard_name(self.prefix, self.rank, self._next_n)
+        self._tmp_path = final.with_name(final.name + TEMP_SUFFIX)
+        self._file = open(self._tmp_path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._count = 0
+        self._size = 0
+        self._keys_in_open = set()
+
+    def _finish_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()  # writes the end-of-archive blocks
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._tmp_path.with_name(self._tmp_path.name[: -len(TEMP_SUFFIX)])
+        os.replace(self._tmp_path, final)
+        self.written.append(final)
+        self.done_keys |= self._keys_in_open
+        self.samples_written += self._count
+        self.bytes_written += final.stat().st_size
+        self._next_n += 1
+        self._tar = self._file = self._tmp_path = None
+
+    def _abort_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+        self._tar = self._file = self._tmp_path = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_index(out_dir: str | Path) -> dict:
+    """Scan the complete shards of `out_dir` and write `index.json` atomically; returns the index.
+
+    Run once every rank has finished: a leftover temporary shard means a rank is still writing (or
+    was killed and not rerun), so it is an error rather than silently missing data.
+    """
+    out_dir = Path(out_dir)
+    partial = sorted(p.name for p in out_dir.glob("*.tar" + TEMP_SUFFIX))
+    if partial:
+        raise RuntimeError(f"{out_dir}: unfinished shards {partial[:3]}: rerun the ranks that "
+                           "wrote them before merging")
+    shards, seen = [], {}
+    for path in completed_shards(out_dir):
+        keys = shard_keys(path)
+        for key in keys:
+            if key in seen:
+                raise RuntimeError(f"{out_dir}: key {key!r} is in both {seen[key]} and {path.name}")
+            seen[key] = path.name
+        shards.append({"name": path.name, "samples": len(keys), "bytes": path.stat().st_size,
+                       "sha256": _sha256(path)})
+    if not shards:
+        raise RuntimeError(f"{out_dir}: no complete shards (*-rNNNNN-NNNNNN.tar) to index")
+    index = {
+        "version": INDEX_VERSION,
+        "shards": shards,
+        "total_samples": sum(s["samples"] for s in shards),
+        "total_bytes": sum(s["bytes"] for s in shards),
+        "members": [FEATURES_EXT, META_EXT],
+    }
+    tmp = out_dir / (INDEX_NAME + TEMP_SUFFIX)
+    with open(tmp, "w") as f:
+        json.dump(index, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / INDEX_NAME)
+    return index

@@ -1,0 +1,144 @@
+"""Shard writer and index: checked with tarfile, the `tar` binary, hashlib and stock webdataset."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+
+import numpy as np
+import pytest
+
+from data.shards import ShardWriter, completed_shards, shard_keys, write_index
+
+
+def _records(n, frames=3, patches=4, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        feats = rng.standard_normal((frames + i % 2, patches, dim)).astype(np.float16)
+        meta = {"key": f"vid_{i:03d}", "video_id": f"v{i}", "timestamps": [0.5 * t for t in range(len(feats))],
+                "conversations": [], "qa": []}
+        out.append((f"vid_{i:03d}", feats, meta))
+    return out
+
+
+def _read_tar(path):
+    """{key: {ext: bytes}} straight from tarfile, independent of our reader."""
+    members = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return members
+
+
+def test_rollover_index_and_stock_readers(tmp_path):
+    records = _records(7)
+    with ShardWriter(tmp_path, prefix="train", rank=3, max_samples=3) as w:
+        for key, feats, meta in records:
+            w.write(key, feats, meta)
+    names = [p.name for p in completed_shards(tmp_path)]
+    assert names == ["train-r00003-000000.tar", "train-r00003-000001.tar", "train-r00003-000002.tar"]
+    assert not list(tmp_path.glob("*.partial"))
+
+    index = write_index(tmp_path)
+    on_disk = json.loads((tmp_path / "index.json").read_text())
+    assert on_disk == index
+    assert index["total_samples"] == 7
+    for entry in index["shards"]:
+        raw = (tmp_path / entry["name"]).read_bytes()
+        assert entry["bytes"] == len(raw)
+        assert entry["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert entry["samples"] == len(_read_tar(tmp_path / entry["name"]))
+    assert [e["samples"] for e in index["shards"]] == [3, 3, 1]
+
+    expected = {key: (feats, meta) for key, feats, meta in records}
+    got = {}
+    for name in names:
+        for key, parts in _read_tar(tmp_path / name).items():
+            assert set(parts) == {"features.npy", "json"}
+            got[key] = (np.load(io.BytesIO(parts["features.npy"]), allow_pickle=False),
+                        json.loads(parts["json"]))
+    assert got.keys() == expected.keys()
+    for key, (feats, meta) in expected.items():
+        assert got[key][0].dtype == np.float16
+        np.testing.assert_array_equal(got[key][0], feats)
+        assert got[key][1] == meta
+
+    if shutil.which("tar"):
+        listing = subprocess.run(["tar", "-tf", str(tmp_path / names[0])], check=True,
+                                 capture_output=True, text=True).stdout.split()
+        assert listing == [f"vid_00{i}.{ext}" for i in range(3) for ext in ("features.npy", "json")]
+
+    import webdataset as wds
+
+    urls = [str(tmp_path / n) for n in names]
+    seen = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None):
+        seen[sample["__key__"]] = np.load(io.BytesIO(sample["features.npy"]), allow_pickle=False)
+    assert seen.keys() == expected.keys()
+    for key, arr in seen.items():
+        np.testing.assert_array_equal(arr, expected[key][0])
+
+
+def test_rerun_skips_complete_and_rewrites_partial(tmp_path):
+    records = _records(5)
+    # First run "killed" while its second shard was open: the exception path discards that shard,
+    # and a SIGKILL leaves its temporary file behind, simulated here by planting one.
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
+            for i, (key, feats, meta) in enumerate(records):
+                if i == 3:
+                    raise KeyboardInterrupt
+                w.write(key, feats, meta)
+    assert [p.name for p in completed_shards(tmp_path)] == ["shard-r00000-000000.tar"]
+    (tmp_path / "shard-r00000-000001.tar.partial").write_bytes(b"half a tar")
+    first = (tmp_path / "shard-r00000-000000.tar").read_bytes()
+
+    with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
+        assert w.done_keys == {"vid_000", "vid_001"}
+        assert not (tmp_path / "shard-r00000-000001.tar.partial").exists()
+        for key, feats, meta in records:
+            if key not in w.done_keys:
+                w.write(key, feats, meta)
+    assert (tmp_path / "shard-r00000-000000.tar").read_bytes() == first
+    assert [shard_keys(p) for p in completed_shards(tmp_path)] == [
+        ["vid_000", "vid_001"], ["vid_002", "vid_003"], ["vid_004"]]
+    assert write_index(tmp_path)["total_samples"] == 5
+
+
+def test_max_bytes_and_ranks_share_a_folder(tmp_path):
+    records = _records(5, frames=10, patches=16, dim=32)  # 10-11 KiB of float16 per record
+    limit = 40_000
+    with ShardWriter(tmp_path, rank=0, max_bytes=limit) as w0, ShardWriter(tmp_path, rank=1) as w1:
+        for i, (key, feats, meta) in enumerate(records):
+            (w0 if i < 4 else w1).write(key, feats, meta)
+    rank0 = [p for p in completed_shards(tmp_path) if "-r00000-" in p.name]
+    assert all(p.stat().st_size <= limit for p in rank0)
+    # 4 records of >10 KiB cannot share one 40 KB shard, but each shard holds at least two.
+    assert [len(shard_keys(p)) for p in rank0] == [2, 2]
+    assert sorted(k for p in completed_shards(tmp_path) for k in shard_keys(p)) == [r[0] for r in records]
+
+
+def test_bad_input_errors(tmp_path):
+    feats = np.zeros((2, 3, 4), np.float16)
+    with ShardWriter(tmp_path) as w:
+        with pytest.raises(ValueError, match="shard key 'a.b'"):
+            w.write("a.b", feats, {})
+        with pytest.raises(ValueError, match="expected a float16"):
+            w.write("a", feats.astype(np.float32), {})
+        with pytest.raises(ValueError, match="expected a float16"):
+            w.write("a", feats[0], {})
+        with pytest.raises(ValueError, match="NaN or inf"):
+            w.write("a", np.full((1, 1, 1), np.inf, np.float16), {})
+        w.write("a", feats, {})
+        with pytest.raises(ValueError, match="written twice"):
+            w.write("a", feats, {})
+    (tmp_path / "shard-r00009-000000.tar.partial").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="unfinished shards"):
+        write_index(tmp_path)
+    with pytest.raises(RuntimeError, match="no complete shards"):
+        write_index(tmp_path / "empty")
