@@ -1,0 +1,223 @@
+"""The Mamba2 state-space-dual (SSD) scan: a chunked pure-PyTorch path and mamba_ssm's fused kernel.
+
+`chunk_scan` has the signature and semantics of
+`mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`, so on CUDA with mamba_ssm installed
+the Triton kernel is a drop-in; everywhere else (CPU, no mamba_ssm, float64) the PyTorch path runs.
+
+The recurrence, per batch b and head h (r = h's group for B and C):
+    dt_t = clamp(softplus?(dt_t + dt_bias), *dt_limit)
+    s_t  = exp(dt_t * A) * s_{t-1} + dt_t * x_t B_t^T          # s: [p, n]
+    y_t  = s_t C_t + D * x_t,   then y_t *= silu(z_t) when z is given
+with s_{-1} = initial_states and s reset to 0 wherever seq_idx changes (packed sequences; the
+initial state belongs to sequence id 0, as in the kernel).
+
+The chunked form splits time into chunks of `chunk_size` and works chunk x chunk inside a chunk
+and chunk-to-chunk through a short sequential loop over chunk states, so memory grows linearly
+with L (the largest buffers are [b, L/chunk, h, chunk, chunk]).
+
+Run the tests: `python -m pytest tests/test_ssd.py -q`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# "reference" forces the PyTorch path, "fast" demands the fused kernel (error if unusable),
+# None picks the kernel whenever it imports and the tensors live on CUDA. Tests set this.
+FORCE_IMPL: str | None = None
+
+_FUSED: Callable | None = None
+_FUSED_RESOLVED = False
+_LOGGED_PATHS: set[str] = set()
+
+
+def _fused_kernel() -> Callable | None:
+    """mamba_ssm's `mamba_chunk_scan_combined`, or None; imported once, reason logged once."""
+    global _FUSED, _FUSED_RESOLVED
+    if not _FUSED_RESOLVED:
+        _FUSED_RESOLVED = True
+        try:
+            # mamba_ssm/__init__ imports its CUDA extension unconditionally, so a CPU machine or a
+            # Triton-only install raises here rather than at call time.
+            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        except (ImportError, OSError, RuntimeError) as err:
+            logger.info("SSD scan: mamba_ssm kernel unavailable (%s); PyTorch path on all devices", err)
+        else:
+            _FUSED = mamba_chunk_scan_combined
+    return _FUSED
+
+
+def _log_once(path: str, message: str) -> None:
+    if path not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(path)
+        logger.info(message)
+
+
+def chunk_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+):
+    """SSD scan. x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n] (h % g == 0), D [h] or [h,p],
+    z [b,l,h,p], dt_bias [h], initial_states [b,h,p,n], seq_idx [b,l] (non-decreasing ints).
+
+    Returns y [b,l,h,p] in x's dtype, or (y, final_states [b,h,p,n]) with return_final_states;
+    final states are float32 (float64 for float64 inputs) like the kernel's.
+    """
+    _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
+    if FORCE_IMPL not in (None, "reference", "fast"):
+        raise ValueError(f"model.ssd.FORCE_IMPL: expected None, 'reference' or 'fast', got {FORCE_IMPL!r}")
+    if FORCE_IMPL != "reference":
+        kernel = _fused_kernel()
+        if kernel is not None and x.is_cuda:
+            _log_once("fast", "SSD scan: mamba_ssm fused Triton kernel")
+            return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
+                          dt_limit=dt_limit, return_final_states=return_final_states)
+        if FORCE_IMPL == "fast":
+            raise RuntimeError("model.ssd.FORCE_IMPL='fast' needs mamba_ssm importable and CUDA tensors")
+    _log_once("reference", "SSD scan: chunked PyTorch path")
+    return chunk_scan_reference(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                initial_states=initial_states, seq_idx=seq_idx,
+                                dt_softplus=dt_softplus, dt_limit=dt_limit,
+                                return_final_states=return_final_states)
+
+
+def _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"chunk_scan: x must be [batch, seqlen, heads, headdim], got {tuple(x.shape)}")
+    b, l, h, p = x.shape
+    if B.dim() != 4 or B.shape[:2] != (b, l) or h % B.shape[2] != 0:
+        raise ValueError(f"chunk_scan: B must be [{b}, {l}, groups dividing {h}, dstate], got {tuple(B.shape)}")
+    g, n = B.shape[2:]
+    expected = {
+        "dt": (dt, (b, l, h)), "A": (A, (h,)), "C": (C, (b, l, g, n)), "z": (z, (b, l, h, p)),
+        "dt_bias": (dt_bias, (h,)), "initial_states": (initial_states, (b, h, p, n)),
+        "seq_idx": (seq_idx, (b, l)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"chunk_scan: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        raise ValueError(f"chunk_scan: D must have shape ({h},) or ({h}, {p}), got {tuple(D.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_scan: chunk_size must be a positive integer, got {chunk_size}")
+
+
+def chunk_scan_reference(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+):
+    """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`."""
+    in_dtype = x.dtype
+    cdt = torch.float64 if in_dtype == torch.float64 else torch.float32
+    b, seqlen, h, p = x.shape
+    g, n = B.shape[2:]
+    r = h // g  # heads per group
+    cs = chunk_size
+    nc = math.ceil(seqlen / cs)
+    pad = nc * cs - seqlen
+
+    dt = dt.to(cdt)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(cdt)
+    if dt_softplus:
+        dt = F.softplus(dt)  # threshold 20 as in the kernel: identity above it
+    dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+
+    # Padding steps get dt = 0: no decay and no input, so they leave the final state untouched.
+    def chunked(t: torch.Tensor) -> torch.Tensor:  # [b, l, ...] -> [b, c, cs, ...]
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+        return t.reshape(b, nc, cs, *t.shape[2:])
+
+    x_c = chunked(x.to(cdt))  # [b, c, cs, h, p]
+    dt_c = chunked(dt)  # [b, c, cs, h]
+    B_c = chunked(B.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
+    C_c = chunked(C.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
+
+    # Heads split as (g, r) so B and C are shared by the r heads of a group without a copy.
+    dA_cs = torch.cumsum(dt_c * A.to(cdt), dim=2)  # [b, c, cs, h]
+    dA_cs = dA_cs.permute(0, 1, 3, 2).reshape(b, nc, g, r, cs)  # [b, c, g, r, cs]
+    xdt = (x_c * dt_c[..., None]).reshape(b, nc, cs, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,cs,p]
+
+    if seq_idx is not None:
+        # Padding joins each row's last sequence so it cannot reset the final state.
+        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, nc, cs)
+        seq_end = seq[:, :, -1]  # [b, c]
+        seq_prev = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
+    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # [l, s]
+
+    # 1. Within a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_cs_l - dA_cs_s) dt_s x_s.
+    keep = causal if seq_idx is None else causal & (seq[..., :, None] == seq[..., None, :])[:, :, None, None]
+    seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
+    decay_ls = torch.exp(torch.where(keep, seg, torch.full_like(seg, -math.inf)))
+    scores = (C_c @ B_c.transpose(-1, -2))[:, :, :, None]  # [b, c, g, 1, l, s]
+    y = (scores * decay_ls) @ xdt  # [b, c, g, r, l, p]
+
+    # 2. Each chunk's own contribution to the state at its end.
+    decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # [b, c, g, r, s]
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (seq == seq_end[..., None])[:, :, None, None].to(cdt)
+    chunk_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B_c[:, :, :, None]  # [b,c,g,r,p,n]
+
+    # 3. Chunk to chunk: a sequential loop over L/chunk_size states (linear memory, no chunk x chunk
+    # segment-sum matrix); the state entering chunk c is what step 4 reads.
+    chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, g, r]
+    if initial_states is None:
+        state = torch.zeros(b, g, r, p, n, dtype=cdt, device=x.device)
+    else:
+        state = initial_states.to(cdt).reshape(b, g, r, p, n)
+    states_in = []
+    for c in range(nc):
+        states_in.append(state)
+        carry = chunk_decay[:, c]
+        if seq_idx is not None:
+            carry = carry * (seq_end[:, c] == seq_prev[:, c])[:, None, None].to(cdt)
+        state = carry[..., None, None] * state + chunk_states[:, c]
+    prev_states = torch.stack(states_in, dim=1)  # [b, c, g, r, p, n]
+
+    # 4. The incoming state read out at each position: y_l += exp(dA_cs_l) C_l . state_in.
+    decay_in = torch.exp(dA_cs)  # [b, c, g, r, l]
+    if seq_idx is not None:
+        decay_in = decay_in * (seq == seq_prev[..., None])[:, :, None, None].to(cdt)
+    y = y + (C_c[:, :, :, None] @ prev_states.transpose(-1, -2)) * decay_in[..., None]
+
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
+    if D is not None:
+        y = y + x.to(cdt) * (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(in_dtype)
+    if return_final_states:
+        return y, state.reshape(b, h, p, n)
+    return y
+
