@@ -1,0 +1,361 @@
+"""The run configuration: one typed tree, loaded from YAML plus `key.sub=value` overrides.
+
+    cfg = load_config("configs/tiny/stage1.yaml", ["optimizer.lr=3e-4", "run_dir=/tmp/run"])
+
+Loading order: the YAML's `include:` files (relative to it, merged in order), the YAML itself, then
+the overrides (each value parsed as a YAML scalar, so `x=3` is an int and `x=null` is None), then
+`${NAME}` references in strings are replaced by environment variables. Only then is the merged
+dictionary turned into dataclasses, so an unknown key or a wrong type anywhere - file or command line
+- fails the same way, with the dotted key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from model.config import VideoLLMConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class DatasetSource:
+    path: str
+    """A dataset folder (shards + index.json) written by `mambamia convert`."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    train: list[DatasetSource]
+    val: list[DatasetSource] = field(default_factory=list)
+    """Held-out datasets for the validation loss; empty disables validation."""
+    max_frames: int = 8
+    """Frames per video handed to the compressor (the loader subsamples longer clips)."""
+    max_text_len: int = 2048
+    """Token budget of the text part of a sample (the visual tokens come on top)."""
+    num_workers: int = 0
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    """Learning rate of every trainable group without an entry in `group_lr`."""
+    group_lr: dict[str, float] = field(default_factory=dict)
+    """Per module group (names from `VideoLLM.module_groups()`), e.g. {projector: 1e-3}."""
+    weight_decay: float = 0.0
+    """Applied to matrices only: norms, biases and SSM parameters (A_log, D, dt_bias) never decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 2.0
+    """Global gradient-norm clip; 0 disables clipping."""
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    total_steps: int | None = None
+    """Optimizer steps of this stage; give either this or `epochs`."""
+    epochs: float | None = None
+    """Passes over the training mixture; converted to steps from the loader's epoch length."""
+    warmup_ratio: float = 0.03
+    """Linear warm-up over this fraction of the steps, then cosine decay."""
+    min_lr_ratio: float = 0.0
+    """The cosine ends at lr * min_lr_ratio."""
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    zero_stage: Literal[1, 2, 3] = 2
+    micro_batch_size: int = 1
+    """Samples per process per forward pass."""
+    global_batch_size: int = 1
+    """Samples per optimizer step over all processes; must be micro x accumulation x data-parallel."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto` = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    """Parameter offload needs ZeRO-3 (DeepSpeed's rule)."""
+    pipeline_stages: int = 1
+    """Pipeline-parallel stages; only 1 is implemented, the field reserves the name."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at the end and on a stop signal)."""
+    keep_last: int = 2
+
+
+@dataclass(kw_only=True)
+class ValidationConfig:
+    every_steps: int = 0
+    """Validation loss every N steps (0: only at the end of the stage)."""
+    max_batches: int = 0
+    """Cap on validation batches per process (0: the whole held-out set)."""
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    every_steps: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_dir: str
+    """Holds checkpoints/, latest, tensorboard/, metrics.jsonl and config.yaml; resumed if present."""
+    stage: str
+    """A name for logs (stage1_alignment, ...)."""
+    seed: int = 0
+    model: VideoLLMConfig
+    init_from: str | None = None
+    """The previous stage's export folder (`mambamia export`); its weights replace the fresh ones."""
+    trainable: list[str]
+    """Module groups that train; every other group is frozen and gets no optimizer state."""
+    max_nonfinite_steps: int = 3
+    """Steps with a non-finite loss or gradient norm that are skipped before the run stops."""
+    data: DataConfig
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Checks that span several fields; per-field types were checked while building."""
+        if not self.trainable:
+            raise ConfigError("trainable: expected at least one module group, got []")
+        for name in self.optimizer.group_lr:
+            if name not in self.trainable:
+                raise ConfigError(f"optimizer.group_lr.{name}: not in trainable {self.trainable}")
+        if (self.schedule.total_steps is None) == (self.schedule.epochs is None):
+            raise ConfigError("schedule: give exactly one of total_steps and epochs")
+        if self.schedule.total_steps is not None and self.schedule.total_steps < 1:
+            raise ConfigError(f"schedule.total_steps: expected >= 1, got {self.schedule.total_steps}")
+        if not 0.0 <= self.schedule.warmup_ratio < 1.0:
+            raise ConfigError(f"schedule.warmup_ratio: expected in [0, 1), got {self.schedule.warmup_ratio}")
+        if len(self.optimizer.betas) != 2:
+            raise ConfigError(f"optimizer.betas: expected two numbers, got {self.optimizer.betas}")
+        if self.parallel.pipeline_stages != 1:
+            raise ConfigError(f"parallel.pipeline_stages: only 1 is implemented, got {self.parallel.pipeline_stages}")
+        if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:
+            raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3")
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last: expected >= 1, got {self.checkpoint.keep_last}")
+        if self.max_nonfinite_steps < 0:
+            raise ConfigError(f"max_nonfinite_steps: expected >= 0, got {self.max_nonfinite_steps}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(yaml_path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    raw = _read_with_includes(Path(yaml_path), seen=())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    raw = _expand_env(raw, "")
+    cfg = build(RunConfig, raw, "")
+    cfg.validate()
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config; a temporary name then a rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def _read_with_includes(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: include cycle through {[str(p) for p in seen]}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, _read_with_includes(path.parent / inc, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    """Mappings merge key by key; anything else (lists included) is replaced by the top value."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {key}: {where} is a {type(node).__name__}, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {where}: expected a list index below {len(node)}")
+    return int(part)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(node: Any, where: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, f"{where}.{i}") for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def lookup(match: re.Match) -> str:
+            if match.group(1) not in os.environ:
+                raise ConfigError(f"{where}: environment variable {match.group(1)} is not set")
+            return os.environ[match.group(1)]
+        return _ENV_REF.sub(lookup, node)
+    return node
+
+
+# ------------------------------------------------------------------------------------------------
+# Typed construction: dict -> dataclass, checking every field against its annotation.
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a plain mapping into `cls`, recursively; errors name the dotted key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or '<root>'}: expected a mapping for {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{_join(where, name)}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or '<root>'}: {err}") from None
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args or type(value) is bool and not any(a is value for a in args):
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {_coerce(key_tp, k, f"{where}.{k}"): _coerce(val_tp, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        # YAML reads `1e-4` (no dot) as a string and `3` as an int: both are fine floats here.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

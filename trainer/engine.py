@@ -1,0 +1,151 @@
+"""Everything between a built VideoLLM and a DeepSpeed engine: freezing, optimizer groups, the
+learning-rate schedule and the DeepSpeed config derived from the run config.
+
+Order matters and is fixed here: freeze first (so frozen parameters never reach the optimizer and
+get no optimizer state under any ZeRO stage), then build the client AdamW over the trainable
+groups only, then hand model + optimizer + scheduler to `deepspeed.initialize`, which partitions
+whatever ZeRO stage the config asks for.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import ConfigError, RunConfig
+
+# DeepSpeed prints its own step log every `steps_per_print` steps; our metrics replace it.
+_NEVER = 1 << 62
+
+
+def resolve_precision(cfg: RunConfig, on_cuda: bool) -> str:
+    """bf16 on CUDA and fp32 on CPU unless the config pins one (CPU bf16 matmuls are slow)."""
+    if cfg.parallel.precision != "auto":
+        return cfg.parallel.precision
+    return "bf16" if on_cuda else "fp32"
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run; pure, so it is unit-tested without launching."""
+    par = cfg.parallel
+    per_step = par.micro_batch_size * world_size
+    if par.micro_batch_size < 1 or par.global_batch_size < 1:
+        raise ConfigError("parallel.micro_batch_size and parallel.global_batch_size: expected >= 1")
+    if par.global_batch_size % per_step:
+        raise ConfigError(
+            f"parallel.global_batch_size: {par.global_batch_size} is not a multiple of "
+            f"micro_batch_size x data-parallel processes = {par.micro_batch_size} x {world_size}")
+    accum = par.global_batch_size // per_step
+    zero: dict[str, Any] = {"stage": par.zero_stage}
+    if par.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if par.offload_params == "cpu":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    if par.zero_stage == 3:
+        # Our export consolidates from the checkpoint files, so no 16-bit copy is gathered at save.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    ds = {
+        "train_batch_size": par.global_batch_size,
+        "train_micro_batch_size_per_gpu": par.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(cfg, on_cuda) == "bf16"},
+        "fp16": {"enabled": False},
+        # The client optimizer is torch AdamW: no DeepSpeed op is JIT-built (ENVIRONMENT.md), and
+        # with offload DeepSpeed would otherwise insist on its compiled CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": _NEVER,
+        "wall_clock_breakdown": False,
+    }
+    assert ds["train_batch_size"] == par.micro_batch_size * accum * world_size
+    return ds
+
+
+def freeze(model: nn.Module, trainable: list[str]) -> dict[str, nn.Module]:
+    """requires_grad only on the trainable module groups; returns all groups by name."""
+    groups = dict(model.module_groups())
+    unknown = [name for name in trainable if name not in groups]
+    if unknown:
+        raise ConfigError(f"trainable: unknown module group(s) {unknown}; allowed: {sorted(groups)}")
+    model.requires_grad_(False)
+    for name in trainable:
+        groups[name].requires_grad_(True)
+    return groups
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    # Vectors are norms, biases, the learned query and the frame separator; the SSM's A_log, D and
+    # dt_bias are marked by the mixer itself because D can be a matrix [H, P].
+    return param.ndim < 2 or name.endswith(".bias") or getattr(param, "_no_weight_decay", False)
+
+
+def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """AdamW groups: per trainable module group, one with weight decay and one without.
+
+    Call after `freeze`. Each group carries a `name` ("projector", "projector.no_decay") that the
+    metrics use for its learning rate.
+    """
+    groups = dict(model.module_groups())
+    seen: set[int] = set()
+    out = []
+    for group_name in cfg.trainable:
+        lr = cfg.optimizer.group_lr.get(group_name, cfg.optimizer.lr)
+        decay, no_decay = [], []
+        for name, param in groups[group_name].named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if _no_decay(name, param) else decay).append(param)
+        for suffix, params, wd in (("", decay, cfg.optimizer.weight_decay), (".no_decay", no_decay, 0.0)):
+            if params:
+                out.append({"params": params, "lr": lr, "weight_decay": wd, "name": group_name + suffix})
+    if not out:
+        raise ConfigError(f"trainable: groups {cfg.trainable} hold no parameters")
+    return out
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then half a cosine down to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps(cfg: RunConfig, total_steps: int) -> int:
+    return math.ceil(cfg.schedule.warmup_ratio * total_steps)
+
+
+def skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory comm op on CPU (~80 s) that gloo does not need.
+
+    The function is looked up on the module at call time, so it must be patched on the module
+    object itself (`import deepspeed.comm.torch as m` would bind the package attribute instead).
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def build_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, total_steps: int,
+                 on_cuda: bool):
+    """Freeze, group, schedule and wrap: returns (engine, optimizer, lr_scheduler)."""
+    import deepspeed
+
+    freeze(model, cfg.trainable)
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                  fused=on_cuda)
+    warmup = warmup_steps(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule.min_lr_ratio))
+    if not on_cuda:
+        skip_shm_build()
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_ds_config(cfg, world_size, on_cuda=on_cuda))
+    return engine, optimizer, scheduler
