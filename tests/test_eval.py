@@ -1,0 +1,189 @@
+"""The multiple-choice scorer on hand-made fixtures in each benchmark's converted form.
+
+Every expected accuracy below is counted by hand from the fixture (comments show the count), and
+the stub scorer returns controlled log-likelihoods, so the scorer's rules (argmax, ties, missing
+answers, grouping, merging) are checked without a model. The last tests run `mambamia eval` on a
+real tiny exported model and check its option log-likelihoods against the model's own loss.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.shards import ShardWriter, write_index
+from trainer.evaluate import (MalformedItem, choose_option, format_table, iter_records, merge_parts,
+                              parse_letter, parse_qa_item, score_items, summarize)
+
+
+def qa(id, answer, type=None, duration=None, n=4, time_reference=None):
+    return {"id": id, "question": f"question {id}?", "options": [f"option {i}" for i in range(n)],
+            "answer": answer, "type": type, "duration_bucket": duration, "time_reference": time_reference}
+
+
+# LVBench: one type per question, a time reference, no duration bucket (every video is > 1 h).
+LVBENCH = {
+    "lvb_v1": [qa("lvb-1", 2, "key information retrieval", time_reference="00:10-00:20"),
+               qa("lvb-2", 0, "event recognition", time_reference="01:00-01:30")],
+    "lvb_v2": [qa("lvb-3", 3, "key information retrieval"),
+               qa("lvb-4", 1, "event recognition")],
+}
+# MLVU: candidate lists of different lengths, task names as types.
+MLVU = {
+    "mlvu_v1": [qa("mlvu-1", 4, "needleQA", n=5), qa("mlvu-2", 1, "plotQA")],
+    "mlvu_v2": [qa("mlvu-3", 0, "plotQA")],
+}
+# Video-MME: duration buckets and task types; the answer of one item is withheld (null).
+VIDEOMME = {
+    "vmme_v1": [qa("vmme-1", 0, "Counting Problem", "short"), qa("vmme-2", 2, "Action Recognition", "short")],
+    "vmme_v2": [qa("vmme-3", 3, "Counting Problem", "long"), qa("vmme-4", None, "Action Recognition", "long")],
+}
+SCORES = {
+    "lvb-1": [0.1, 0.2, 0.9, 0.3],   # -> 2, right
+    "lvb-2": [-1, -0.5, -2, -3],     # -> 1, wrong
+    "lvb-3": [0, 0, 0, 5],           # -> 3, right
+    "lvb-4": [2, 2, 1, 0],           # tie 0/1 -> 0 (lowest index), wrong
+    "mlvu-1": [0, 0, 0, 0, 1],       # -> 4, right
+    "mlvu-2": [3, 3, 0, 0],          # tie -> 0, wrong
+    "mlvu-3": [3, 3, 3, 3],          # four-way tie -> 0, right by the rule
+    "vmme-1": [1, 0, 0, 0],          # -> 0, right
+    "vmme-2": [0, 1, 0, 0],          # -> 1, wrong
+    "vmme-3": [0, 0, 0, 1],          # -> 3, right
+    "vmme-4": [0, 0, 1, 0],          # -> 2, answer withheld: not scored
+}
+TOKENS = {"lvb_v1": 100, "lvb_v2": 300, "mlvu_v1": 50, "mlvu_v2": 70, "vmme_v1": 10, "vmme_v2": 20}
+
+
+def write_dataset(folder, videos: dict, *, extra_meta=None):
+    with ShardWriter(folder, max_samples=2) as writer:
+        for key, items in videos.items():
+            meta = {"key": key, "video_id": key, "duration": 60.0, "fps": 1.0, "qa": items,
+                    "conversations": [], **(extra_meta or {})}
+            writer.write(key, np.full((2, 4, 8), len(key), dtype=np.float16), meta)
+    write_index(folder)
+    return folder
+
+
+def stub_loglik(item):
+    return SCORES[item.id]
+
+
+def report_of(folder, rank=0, world_size=1):
+    items, tokens = [], {}
+    for record in iter_records(folder, rank=rank, world_size=world_size):
+        if record.features is not None:
+            items += record.items
+            tokens[record.key] = TOKENS[record.key]
+    return {"predictions": score_items(items, method="loglik", loglik_fn=stub_loglik), "visual_tokens": tokens}
+
+
+@pytest.mark.parametrize("videos, expected", [
+    # LVBench: right lvb-1, lvb-3; wrong lvb-2, lvb-4 (tie) -> 2/4; KIR 2/2, ER 0/2
+    (LVBENCH, {"correct": 2, "scored": 4, "unanswered": 0, "tied": 1, "chance": 0.25,
+               "by_type": {"event recognition": (0, 2), "key information retrieval": (2, 2)},
+               "by_duration": {}, "tokens": (200.0, 300)}),
+    # MLVU: right mlvu-1, mlvu-3 (tie at the answer); wrong mlvu-2 (tie) -> 2/3; chance (1/5+1/4+1/4)/3
+    (MLVU, {"correct": 2, "scored": 3, "unanswered": 0, "tied": 2, "chance": (0.2 + 0.25 + 0.25) / 3,
+            "by_type": {"needleQA": (1, 1), "plotQA": (1, 2)}, "by_duration": {}, "tokens": (60.0, 70)}),
+    # Video-MME: right vmme-1, vmme-3; wrong vmme-2; vmme-4 withheld -> 2/3, 1 unanswered
+    (VIDEOMME, {"correct": 2, "scored": 3, "unanswered": 1, "tied": 0, "chance": 0.25,
+                "by_type": {"Action Recognition": (0, 1), "Counting Problem": (2, 2)},
+                "by_duration": {"long": (1, 1), "short": (1, 2)}, "tokens": (15.0, 20)}),
+], ids=["lvbench", "mlvu", "videomme"])
+def test_accuracy_by_benchmark(tmp_path, videos, expected):
+    folder = write_dataset(tmp_path / "ds", videos)
+    part = report_of(folder)
+    report = summarize(part["predictions"], visual_tokens=part["visual_tokens"], method="loglik")
+    assert report["items"] == sum(len(v) for v in videos.values())
+    assert report["correct"] == expected["correct"] and report["scored"] == expected["scored"]
+    assert report["accuracy"] == pytest.approx(expected["correct"] / expected["scored"])
+    assert report["unanswered"] == expected["unanswered"]
+    assert report["tied"] == expected["tied"]
+    assert report["chance"] == pytest.approx(expected["chance"])
+    for group in ("by_type", "by_duration"):
+        got = {k: (v["correct"], v["scored"]) for k, v in report[group].items()}
+        assert got == expected[group]
+    assert (report["visual_tokens"]["mean"], report["visual_tokens"]["max"]) == expected["tokens"]
+    table = format_table(report)
+    assert f"{100 * expected['correct'] / expected['scored']:5.1f}%" in table
+    assert all(name in table for name in expected["by_type"])
+
+
+def test_ties_pick_lowest_index_and_nan_never_wins():
+    assert choose_option([1.0, 2.0, 2.0]) == (1, True)
+    assert choose_option([-1.0, -3.0]) == (0, False)
+    assert choose_option([float("nan"), -5.0, -7.0]) == (1, False)
+    assert choose_option([float("-inf"), float("-inf")]) == (0, True)
+
+
+def test_missing_answers_are_predicted_but_not_scored():
+    items = [parse_qa_item(qa(f"x{i}", None), video_key="v", where="t") for i in range(3)]
+    preds = score_items(items, method="loglik", loglik_fn=lambda item: [0, 1, 0, 0])
+    report = summarize(preds, visual_tokens={"v": 5}, method="loglik")
+    assert [p["predicted"] for p in preds] == [1, 1, 1]
+    assert report["scored"] == 0 and report["unanswered"] == 3 and report["accuracy"] is None
+    assert "n/a" in format_table(report)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("B", 1), ("(C)", 2), ("D.", 3), ("A) option 0", 0), ("B: option 1", 1),
+    ("Answer: C", 2), ("The answer is (D).", 3), ("the answer is b", 1),
+    ("option 2", 2), ("Option 3.", 3),
+    ("A red square", None),   # the article, not a choice
+    ("E", None),              # out of range for 4 options
+    ("", None), ("I do not know", None),
+])
+def test_parse_letter(text, expected):
+    assert parse_letter(text, [f"option {i}" for i in range(4)]) == expected
+
+
+def test_generate_method_counts_unparsed_as_wrong():
+    items = [parse_qa_item(qa(f"g{i}", a), video_key="v", where="t") for i, a in enumerate([1, 2, 0, 3])]
+    outputs = {"g0": "B", "g1": "The answer is (C).", "g2": "A red square", "g3": "option 3"}
+    preds = score_items(items, method="generate", generate_fn=lambda item: outputs[item.id])
+    report = summarize(preds, visual_tokens={"v": 1}, method="generate")
+    # g0 right, g1 right, g2 unparsed (wrong), g3 right by option text -> 3/4
+    assert (report["correct"], report["scored"], report["unparsed"]) == (3, 4, 1)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"options": None}, "'options'"), ({"options": ["only one"]}, "'options'"),
+    ({"options": ["a", ""]}, "'options'"), ({"answer": 4}, "'answer'"), ({"answer": "B"}, "'answer'"),
+    ({"answer": True}, "'answer'"), ({"question": "  "}, "'question'"), ({"type": 3}, "'type'"),
+    ({"id": None}, "'id'"),
+])
+def test_malformed_items_name_the_item_and_field(change, field):
+    raw = {**qa("bad-1", 1), **change}
+    with pytest.raises(MalformedItem) as err:
+        parse_qa_item(raw, video_key="v", where="shard-x.tar: record 'v'")
+    message = str(err.value)
+    assert field in message and "shard-x.tar: record 'v'" in message and "\n" not in message
+    if change.get("id", "bad-1") is not None:
+        assert "'bad-1'" in message
+
+
+def test_malformed_item_in_shards_names_shard_and_record(tmp_path):
+    folder = write_dataset(tmp_path / "ds", {"ok_video": [qa("q1", 0)], "bad_video": [qa("q2", 9)]})
+    with pytest.raises(MalformedItem, match=r"shard-r00000-000000\.tar: record 'bad_video': qa item 'q2' field 'answer'"):
+        list(iter_records(folder))
+    dup = write_dataset(tmp_path / "dup", {"v1": [qa("same", 0)], "v2": [qa("same", 1)]})
+    with pytest.raises(MalformedItem, match=r"record 'v2': qa item 'same' field 'id'"):
+        list(iter_records(dup))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_multi_rank_merge_equals_single_rank(tmp_path, world_size):
+    folder = write_dataset(tmp_path / "all", {**LVBENCH, **MLVU, **VIDEOMME})
+    single_preds, single_tokens = merge_parts([report_of(folder)])
+    single = summarize(single_preds, visual_tokens=single_tokens, method="loglik")
+    parts = [report_of(folder, r, world_size) for r in range(world_size)]
+    keys = [set(p["visual_tokens"]) for p in parts]
+    assert all(keys) and sum(map(len, keys)) == len(set().union(*keys)) == 6  # disjoint, complete
+    predictions, tokens = merge_parts(parts)
+    merged = summarize(predictions, visual_tokens=tokens, method="loglik")
+    assert json.dumps(merged, sort_keys=True) == json.dumps(single, sort_keys=True)
+    # 2+2+2 right of 4+3+3 scored over the three benchmarks
+    assert (merged["correct"], merged["scored"]) == (6, 10)
+    with pytest.raises(ValueError, match="scored by two ranks"):
+        merge_parts([parts[0], parts[0]])

@@ -1,0 +1,470 @@
+"""Score an exported model on multiple-choice and open-ended video QA shards.
+
+    mambamia eval EXPORT_DIR SHARDS_DIR --out eval/report.json
+    mambamia eval EXPORT_DIR SHARDS_DIR --out eval/report.json --method generate
+    torchrun --nproc_per_node 2 -m trainer.cli eval EXPORT_DIR SHARDS_DIR --out eval/report.json
+    mambamia eval ... --rank 0 --world-size 4   # one of 4 independent jobs; the last one merges
+
+SHARDS_DIR is a folder written by `mambamia convert` (shards + index.json). Every record's `qa`
+items are scored; `--open-ended FILE.jsonl` also answers every record's first human turn.
+
+Rules (they decide the numbers, so they are fixed and written down here):
+- `loglik` picks the option whose answer text has the highest log-likelihood after the prompt.
+  The answer text is the option letter (`--target letter`, what the model is trained to answer)
+  or "B. text" (`--target option`); the score is the sum of the answer tokens' log-probabilities
+  (`--reduce sum`, the joint probability of the answer) or their mean (`--reduce mean`, which
+  stops long options from being penalised for their length).
+- Ties: the lowest option index among the maxima wins (plain argmax), and the item is flagged
+  `tied`, so a model that scores everything equal is visibly at "always A", never lucky by chance.
+- `generate` decodes greedily and parses the letter (`parse_letter`); an answer without a letter is
+  wrong and counted as `unparsed`.
+- Items whose answer is null (benchmarks that hide their test answers) are predicted but not
+  scored; they are counted as `unanswered`. A malformed item stops the run with a one-line error
+  naming the shard, the record and the field.
+- Accuracy = correct / scored, overall, per question type and per duration bucket, beside the
+  visual tokens per video (mean, max) from the model's budget function.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from data.text import VIDEO_TOKEN, mcq_prompt, option_letter
+
+
+class MalformedItem(ValueError):
+    """A QA item that cannot be scored; the message names where it is and which field is wrong."""
+
+
+@dataclass(kw_only=True)
+class QAItem:
+    id: str
+    video_key: str
+    question: str
+    options: list[str]
+    answer: int | None
+    type: str | None = None
+    duration_bucket: str | None = None
+    time_reference: str | None = None
+
+
+def parse_qa_item(raw: object, *, video_key: str, where: str) -> QAItem:
+    """Validate one converted `qa` entry; `where` names the shard/record for the error."""
+    if not isinstance(raw, dict):
+        raise MalformedItem(f"{where}: qa item is a {type(raw).__name__}, expected an object")
+    item_id = raw.get("id")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or str(item_id) == "":
+        raise MalformedItem(f"{where}: qa item field 'id': expected a non-empty string, got {item_id!r}")
+    here = f"{where}: qa item {str(item_id)!r}"
+    question = raw.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise MalformedItem(f"{here} field 'question': expected a non-empty string, got {question!r}")
+    options = raw.get("options")
+    if (not isinstance(options, list) or len(options) < 2 or len(options) > 26
+            or not all(isinstance(o, str) and o.strip() for o in options)):
+        raise MalformedItem(f"{here} field 'options': expected a list of 2 to 26 non-empty strings, got {options!r}")
+    answer = raw.get("answer")
+    if answer is not None and (not isinstance(answer, int) or isinstance(answer, bool)
+                               or not 0 <= answer < len(options)):
+        raise MalformedItem(f"{here} field 'answer': expected an integer in [0, {len(options) - 1}] or null, got {answer!r}")
+    labels = {}
+    for name in ("type", "duration_bucket", "time_reference"):
+        value = raw.get(name)
+        if value is not None and not isinstance(value, str):
+            raise MalformedItem(f"{here} field {name!r}: expected a string or null, got {value!r}")
+        labels[name] = value
+    return QAItem(id=str(item_id), video_key=video_key, question=question, options=list(options),
+                  answer=answer, **labels)
+
+
+def choose_option(scores: Sequence[float]) -> tuple[int, bool]:
+    """(index of the best score, whether several options share it). NaN never wins."""
+    clean = [-math.inf if math.isnan(s) else float(s) for s in scores]
+    best = max(clean)
+    winners = [i for i, s in enumerate(clean) if s == best]
+    return winners[0], len(winners) > 1
+
+
+_BARE = re.compile(r"^\(?([A-Z])\)?(?:[.:)]|$)")
+_STATED = re.compile(r"\banswer(?: is|:)?\s*:?\s*\(?([A-Z])\b\)?", re.IGNORECASE)
+
+
+def parse_letter(text: str, options: Sequence[str]) -> int | None:
+    """Option index named by a generated answer, or None when it names none.
+
+    Accepted: "B", "(B)", "B.", "B) text", "B: text", "Answer: B", "The answer is (B)", or the exact
+    text of one option. A bare capital followed by a space ("A red square") is not a letter: it
+    is the article, and reading it as option A would reward a model that never chose.
+    """
+    text = text.strip()
+    match = _BARE.match(text) or _STATED.search(text)
+    if match:
+        index = ord(match.group(1).upper()) - ord("A")
+        return index if 0 <= index < len(options) else None
+    normal = text.rstrip(".").strip().lower()
+    hits = [i for i, o in enumerate(options) if o.strip().rstrip(".").lower() == normal]
+    return hits[0] if len(hits) == 1 else None
+
+
+def score_items(items: Sequence[QAItem], *, method: str,
+                loglik_fn: Callable[[QAItem], Sequence[float]] | None = None,
+                generate_fn: Callable[[QAItem], str] | None = None) -> list[dict]:
+    """One prediction dict per item; `loglik_fn` returns one score per option."""
+    predictions = []
+    for item in items:
+        pred = {"id": item.id, "video_key": item.video_key, "type": item.type,
+                "duration_bucket": item.duration_bucket, "answer": item.answer,
+                "n_options": len(item.options)}
+        if method == "loglik":
+            scores = [float(s) for s in loglik_fn(item)]
+            if len(scores) != len(item.options):
+                raise ValueError(f"item {item.id!r}: scorer returned {len(scores)} scores for {len(item.options)} options")
+            pred["predicted"], pred["tied"] = choose_option(scores)
+            pred["scores"] = scores
+        elif method == "generate":
+            pred["output"] = generate_fn(item)
+            pred["predicted"] = parse_letter(pred["output"], item.options)
+            pred["tied"] = False
+        else:
+            raise ValueError(f"method: expected 'loglik' or 'generate', got {method!r}")
+        pred["correct"] = item.answer is not None and pred["predicted"] == item.answer
+        predictions.append(pred)
+    return predictions
+
+
+def _accuracy(preds: list[dict]) -> dict:
+    scored = [p for p in preds if p["answer"] is not None]
+    correct = sum(p["correct"] for p in scored)
+    return {"correct": correct, "scored": len(scored),
+            "accuracy": correct / len(scored) if scored else None}
+
+
+def _grouped(preds: list[dict], field: str) -> dict:
+    keys = sorted({p[field] for p in preds if p[field] is not None})
+    return {k: _accuracy([p for p in preds if p[field] == k]) for k in keys}
+
+
+def summarize(predictions: list[dict], *, visual_tokens: dict[str, int], method: str) -> dict:
+    """The report: overall / per-type / per-duration accuracy, counts, chance, visual tokens."""
+    predictions = sorted(predictions, key=lambda p: p["id"])
+    scored = [p for p in predictions if p["answer"] is not None]
+    tokens = [visual_tokens[k] for k in sorted({p["video_key"] for p in predictions})]
+    return {
+        "method": method,
+        "items": len(predictions),
+        **_accuracy(predictions),
+        "unanswered": len(predictions) - len(scored),
+        "unparsed": sum(p["predicted"] is None for p in predictions),
+        "tied": sum(bool(p["tied"]) for p in predictions),
+        # expected accuracy of a uniform random guess on the scored items
+        "chance": sum(1 / p["n_options"] for p in scored) / len(scored) if scored else None,
+        "by_type": _grouped(predictions, "type"),
+        "by_duration": _grouped(predictions, "duration_bucket"),
+        "visual_tokens": {"videos": len(tokens), "mean": sum(tokens) / len(tokens) if tokens else 0.0,
+                          "max": max(tokens, default=0)},
+        "predictions": predictions,
+    }
+
+
+def merge_parts(parts: Sequence[dict]) -> tuple[list[dict], dict[str, int]]:
+    """Union of per-rank parts ({"predictions", "visual_tokens"}); an item twice is an error."""
+    predictions, tokens, seen = [], {}, set()
+    for part in parts:
+        for pred in part["predictions"]:
+            if pred["id"] in seen:
+                raise ValueError(f"qa item {pred['id']!r} was scored by two ranks: ids must be unique")
+            seen.add(pred["id"])
+            predictions.append(pred)
+        tokens.update(part["visual_tokens"])
+    return predictions, tokens
+
+
+def format_table(report: dict) -> str:
+    """A readable plain-text table of the report."""
+    def pct(acc):
+        return "   n/a" if acc is None else f"{100 * acc:5.1f}%"
+
+    rows = [("overall", report)]
+    rows += [(f"type: {k}", v) for k, v in report["by_type"].items()]
+    rows += [(f"duration: {k}", v) for k, v in report["by_duration"].items()]
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"{'':<{width}}{'accuracy':>9}{'correct':>9}{'scored':>8}"]
+    lines += [f"{name:<{width}}{pct(r['accuracy']):>9}{r['correct']:>9}{r['scored']:>8}" for name, r in rows]
+    vt = report["visual_tokens"]
+    chance = report["chance"]
+    lines.append(f"chance {pct(chance).strip()} | items {report['items']}, unanswered {report['unanswered']}, "
+                 f"unparsed {report['unparsed']}, tied {report['tied']} | visual tokens per video: "
+                 f"mean {vt['mean']:.1f}, max {vt['max']} over {vt['videos']} videos")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write through a temporary name in the same folder, then rename: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(kw_only=True)
+class Record:
+    key: str
+    meta: dict
+    items: list[QAItem]
+    features: np.ndarray | None  # [F, P, D] float16; None for records other ranks score
+
+
+def _shard_names(shards_dir: Path) -> list[str]:
+    index_path = shards_dir / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; expected a dataset folder written by `mambamia convert`")
+    index = json.loads(index_path.read_text())
+    shards = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
+        raise ValueError(f"{index_path}: field 'shards': expected a list of objects with a 'name'")
+    return [s["name"] for s in shards]
+
+
+def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
+    # webdataset's grouping rule: the key is the member path up to the first dot of its basename,
+    # and a record's members are adjacent in the tar.
+    with tarfile.open(path) as tar:
+        key, members = None, {}
+        for info in tar:
+            if not info.isfile():
+                continue
+            head, _, base = info.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            name = f"{head}/{stem}" if head else stem
+            if name != key and members:
+                yield key, members, tar
+                members = {}
+            key = name
+            members[ext] = info
+        if members:
+            yield key, members, tar
+
+
+def iter_records(shards_dir: str | Path, *, rank: int = 0, world_size: int = 1) -> Iterator[Record]:
+    """Every record of the folder, in index order; features are read only for this rank's share
+    (record i belongs to rank i % world_size, so a video's items are scored where its features are)."""
+    shards_dir = Path(shards_dir)
+    seen: set[str] = set()
+    position = 0
+    for shard in _shard_names(shards_dir):
+        for key, members, tar in _tar_groups(shards_dir / shard):
+            where = f"{shard}: record {key!r}"
+            if "json" not in members or "features.npy" not in members:
+                raise MalformedItem(f"{where}: expected members {key}.json and {key}.features.npy, got {sorted(members)}")
+            meta = json.loads(tar.extractfile(members["json"]).read())
+            qa = meta.get("qa", [])
+            if not isinstance(qa, list):
+                raise MalformedItem(f"{where}: field 'qa': expected a list, got {type(qa).__name__}")
+            items = [parse_qa_item(raw, video_key=key, where=where) for raw in qa]
+            for item in items:
+                if item.id in seen:
+                    raise MalformedItem(f"{where}: qa item {item.id!r} field 'id': already used by another item")
+                seen.add(item.id)
+            mine = position % world_size == rank
+            position += 1
+            features = None
+            if mine:
+                raw = tar.extractfile(members["features.npy"]).read()
+                features = np.load(io.BytesIO(raw), allow_pickle=False)
+                if features.ndim != 3:
+                    raise MalformedItem(f"{where}: features: expected [frames, patches, dim], got shape {features.shape}")
+            yield Record(key=key, meta=meta, items=items, features=features)
+
+
+class ModelQA:
+    """Asks an exported VideoLLM about one video: option log-likelihoods or a generated answer."""
+
+    def __init__(self, model, tokenizer, *, max_frames: int | None, target: str = "letter",
+                 reduce: str = "sum", max_new_tokens: int = 16):
+        import torch
+
+        self.torch = torch
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.compressor.parameters()).dtype
+        self.max_frames, self.target, self.reduce = max_frames, target, reduce
+        self.max_new_tokens = max_new_tokens
+
+    def frames(self, features: np.ndarray) -> np.ndarray:
+        """Uniformly thin a video to max_frames, the same rule extraction uses for long videos."""
+        if self.max_frames is None or len(features) <= self.max_frames:
+            return features
+        return features[np.linspace(0, len(features) - 1, self.max_frames).round().astype(int)]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_text(self, human_turn: str) -> str:
+        messages = [{"role": "user", "content": human_turn}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _inputs(self, features: np.ndarray, rows: list[list[int]]):
+        torch = self.torch
+        feats = torch.from_numpy(self.frames(features).astype(np.float32)).to(self.device, self.dtype)
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                    features=feats.unsqueeze(0).expand(len(rows), *feats.shape),
+                    frame_mask=torch.ones(len(rows), feats.shape[0], dtype=torch.bool, device=self.device))
+
+    def option_logliks(self, item: QAItem, features: np.ndarray) -> list[float]:
+        prompt = self.prompt_text(f"{VIDEO_TOKEN}\n{mcq_prompt(item.question, item.options)}")
+        prompt_ids = self._ids(prompt)
+        answers = [option_letter(i) if self.target == "letter" else f"{option_letter(i)}. {o}"
+                   for i, o in enumerate(item.options)]
+        conts = []
+        for answer in answers:
+            full = self._ids(prompt + answer)
+            # BPE may merge across the boundary; then score the answer tokenized on its own
+            conts.append(full[len(prompt_ids):] if full[:len(prompt_ids)] == prompt_ids else self._ids(answer))
+        scores: list[float] = [0.0] * len(answers)
+        # options whose answers have the same token count share one forward: no padding, so the
+        # answer tokens are the last positions of every row whatever the visual splice looks like
+        by_len: dict[int, list[int]] = {}
+        for i, c in enumerate(conts):
+            by_len.setdefault(len(c), []).append(i)
+        with self.torch.no_grad():
+            for n, members in by_len.items():
+                logits = self.model(**self._inputs(features, [prompt_ids + conts[i] for i in members])).logits
+                logp = self.torch.log_softmax(logits[:, -n - 1:-1].float(), dim=-1)
+                target = self.torch.tensor([conts[i] for i in members], device=logp.device)
+                token_lp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()  # [rows, n]
+                per_row = token_lp.sum(-1) if self.reduce == "sum" else token_lp.mean(-1)
+                for i, value in zip(members, per_row.tolist()):
+                    scores[i] = value
+        return scores
+
+    def generate(self, human_turn: str, features: np.ndarray) -> str:
+        inputs = self._inputs(features, [self._ids(self.prompt_text(human_turn))])
+        with self.torch.no_grad():
+            new = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="mambamia eval",
+        description="Score an exported model on the multiple-choice `qa` items of converted shards "
+                    "(LVBench, MLVU, Video-MME, ... after `mambamia convert`).",
+        epilog="example: mambamia eval runs/stage2_export data/lvbench_shards --out eval/lvbench.json")
+    p.add_argument("export_dir", help="folder written by `mambamia export` (VideoLLM.save_pretrained)")
+    p.add_argument("shards", help="dataset folder with shards and index.json")
+    p.add_argument("--out", required=True, help="JSON report path; the table goes beside it as .txt")
+    p.add_argument("--method", choices=["loglik", "generate"], default="loglik")
+    p.add_argument("--target", choices=["letter", "option"], default="letter",
+                   help="loglik: score the letter alone or 'B. option text'")
+    p.add_argument("--reduce", choices=["sum", "mean"], default="sum",
+                   help="loglik: sum (joint probability) or mean (length-normalised) over answer tokens")
+    p.add_argument("--max-frames", type=int, default=None, help="thin longer videos uniformly to this many frames")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--open-ended", default=None, help="also answer every record's first human turn into this JSONL")
+    p.add_argument("--rank", type=int, default=None, help="this job's share (with --world-size) when not under torchrun")
+    p.add_argument("--world-size", type=int, default=None)
+    args = p.parse_args(argv)
+    if (args.rank is None) != (args.world_size is None):
+        p.error("--rank and --world-size go together")
+    if args.world_size is not None and not 0 <= args.rank < args.world_size:
+        p.error(f"--rank: expected 0 <= rank < {args.world_size}, got {args.rank}")
+    return args
+
+
+def _score_share(args: argparse.Namespace, rank: int, world_size: int) -> dict:
+    """This rank's predictions, visual tokens per video and open-ended answers."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from model.budget import visual_token_count
+    from model.video_llm import VideoLLM
+
+    model = VideoLLM.from_pretrained(args.export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.export_dir) / "llm")
+    qa = ModelQA(model, tokenizer, max_frames=args.max_frames, target=args.target, reduce=args.reduce,
+                 max_new_tokens=args.max_new_tokens)
+    predictions, tokens, answers = [], {}, []
+    bar = tqdm(iter_records(args.shards, rank=rank, world_size=world_size), desc=f"eval rank {rank}",
+               unit="video", disable=rank != 0, file=sys.stderr)
+    for record in bar:
+        if record.features is None:
+            continue
+        features = record.features
+        tokens[record.key] = visual_token_count(model.config, duration_s=float(record.meta["duration"]),
+                                                fps=float(record.meta["fps"]),
+                                                max_frames=len(qa.frames(features)))
+        predictions += score_items(record.items, method=args.method,
+                                   loglik_fn=lambda item: qa.option_logliks(item, features),
+                                   generate_fn=lambda item: qa.generate(
+                                       f"{VIDEO_TOKEN}\n{mcq_prompt(item.question, item.options)}", features))
+        if args.open_ended:
+            for i, conv in enumerate(record.meta.get("conversations", [])):
+                human = next((t["value"] for t in conv if t.get("from") == "human"), None)
+                reference = next((t["value"] for t in conv if t.get("from") == "gpt"), None)
+                if human is not None:
+                    answers.append({"id": f"{record.key}#{i}", "key": record.key, "prompt": human,
+                                    "reference": reference, "answer": qa.generate(human, features)})
+    return {"predictions": predictions, "visual_tokens": tokens, "open_ended": answers}
+
+
+def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
+    predictions, tokens = merge_parts(parts)
+    report = summarize(predictions, visual_tokens=tokens, method=args.method)
+    report.update(export_dir=str(args.export_dir), shards=str(args.shards), target=args.target,
+                  reduce=args.reduce, world_size=len(parts))
+    table = format_table(report)
+    out = Path(args.out)
+    write_atomic(out, json.dumps(report, indent=1) + "\n")
+    write_atomic(out.with_suffix(".txt"), table + "\n")
+    if args.open_ended:
+        rows = sorted((a for part in parts for a in part["open_ended"]), key=lambda a: a["id"])
+        write_atomic(args.open_ended, "".join(json.dumps(r) + "\n" for r in rows))
+    print(table)
+    print(f"report: {out}  table: {out.with_suffix('.txt')}" + (f"  open-ended: {args.open_ended}" if args.open_ended else ""))
+    return report
+
+
+def main(argv: list[str]) -> int:
+    args = _parse_args(argv)
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world_size is None and env_world > 1:
+        # under torchrun: every rank scores its share, rank 0 gathers and writes
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        part = _score_share(args, rank, world)
+        parts = [None] * world
+        dist.all_gather_object(parts, part)
+        if rank == 0:
+            _finish(args, parts)
+        dist.barrier()
+        dist.destroy_process_group()
+        return 0
+    if args.world_size is None:
+        _finish(args, [_score_share(args, 0, 1)])
+        return 0
+    # independent jobs: each writes its part; whichever finds every part present writes the merged
+    # report (two jobs finishing together write identical files through atomic renames)
+    out = Path(args.out)
+    part_path = lambda r: out.with_name(f"{out.name}.part{r}-of-{args.world_size}")  # noqa: E731
+    write_atomic(part_path(args.rank), json.dumps(_score_share(args, args.rank, args.world_size)))
+    paths = [part_path(r) for r in range(args.world_size)]
+    if all(p.is_file() for p in paths):
+        _finish(args, [json.loads(p.read_text()) for p in paths])
+    else:
+        print(f"rank {args.rank}: part written to {part_path(args.rank)}; the last job to finish merges")
+    return 0
