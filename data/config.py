@@ -1,0 +1,87 @@
+"""Typed configuration of the streaming loader; the trainer's run config composes it.
+
+    cfg = DataConfig.from_dict({"sources": [{"path": "shards/llava", "weight": 2.0}],
+                                "batch_size": 4, "max_frames": 64, "max_text_len": 2048})
+    loader = VideoLoader.from_config(cfg, tokenizer, rank=rank, world_size=world_size)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    path: str
+    """A dataset folder: shards plus the index.json written by `mambamia convert`."""
+    weight: float = 1.0
+    """Relative share of this source in every mixture epoch (0 leaves it out)."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    sources: list[DataSource]
+    batch_size: int
+    """Samples per rank per batch (the micro-batch)."""
+    max_frames: int = 64
+    """Longer clips are subsampled uniformly to this many frames (timestamps follow)."""
+    max_text_len: int = 2048
+    """Token budget of the text; longer conversations are truncated on the right."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank; each builds whole batches."""
+    prefetch_factor: int = 2
+    """Batches each worker keeps ready ahead of the consumer."""
+    seed: int = 0
+    """Order of every epoch is a function of (seed, epoch) only."""
+    samples_per_epoch: int | None = None
+    """Length of one mixture epoch; default: the sum of the sources' sample counts."""
+    bad_fraction_limit: float = 0.01
+    """A source whose bad records exceed this fraction of its records seen stops the run."""
+    bad_check_after: int = 200
+    """Records of a source seen before the limit is enforced (a single early bad record is noise)."""
+    features_dtype: str = "float32"
+    """dtype of the collated features; float16 halves the copies between workers and trainer."""
+    check_finite: bool = True
+    """Reject records whose features hold NaN or inf (one fused pass per record)."""
+    num_patches: int | None = None
+    """Expected patches per frame (P); None accepts whatever the first record of a batch has."""
+    feature_dim: int | None = None
+    """Expected feature width (D); None accepts whatever the first record of a batch has."""
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in self.sources]
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("data.sources: expected at least one dataset folder, got []")
+        for i, s in enumerate(self.sources):
+            if s.weight < 0:
+                raise ValueError(f"data.sources[{i}].weight: expected >= 0, got {s.weight}")
+        if not any(s.weight > 0 for s in self.sources):
+            raise ValueError("data.sources: expected at least one source with weight > 0")
+        for name in ("batch_size", "max_frames", "max_text_len", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        if not 0.0 <= self.bad_fraction_limit <= 1.0:
+            raise ValueError(f"data.bad_fraction_limit: expected in [0, 1], got {self.bad_fraction_limit}")
+        if self.features_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"data.features_dtype: expected one of {FEATURE_DTYPES}, "
+                             f"got {self.features_dtype!r}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch: expected >= 1, got {self.samples_per_epoch}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"data: unknown keys {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,349 @@
+"""The streaming loader: deterministic, rank- and worker-split, sample-exact resumable batches.
+
+    loader = VideoLoader([("shards/llava", 2.0), ("shards/mcq", 1.0)], tokenizer, batch_size=4,
+                         seed=0, rank=rank, world_size=world, num_workers=2, max_frames=64)
+    loader.load_state_dict(saved)        # optional: resume
+    for batch in loader: ...             # the rest of the current epoch, then the epoch advances
+    saved = loader.state_dict()          # a handful of integers
+
+The scheme, in order:
+1. Epoch sequence. Mixture epoch `e` has `samples_per_epoch` = N positions (default: the sum of
+   the sources' sample counts). Source s gets c_s of them (largest-remainder apportionment of N by
+   weight), interleaved by a permutation seeded with (seed, e). Each source is an endless stream of
+   its own epochs, each a permutation of its samples seeded with (seed, source, source epoch); the
+   mixture epoch e continues source s at stream position e * c_s. With one source (or weights in
+   proportion to sizes) a mixture epoch is exactly one pass: every sample once.
+2. Ranks. The sequence is consumed in global batches of world_size x batch_size positions; rank r
+   takes positions r, r + W, r + 2W, ... of each global batch. Every rank therefore has
+   ceil(N / (W B)) batches per epoch whatever the shard sizes, and the last global batch is split
+   as evenly as possible; a rank left with nothing (fewer than W positions remain) repeats one
+   early sample of the epoch rather than making the others wait (counted in `repeats`).
+3. Workers. Worker w of a rank builds batches w, w + n, w + 2n, ... (whole batches, read and
+   collated in the worker); DataLoader hands them back round-robin, i.e. in batch order, so the
+   sequence does not depend on the number of workers.
+4. State. (epoch, offset): offset = first position of the next global batch the consumer has not
+   received; batches prefetched but not received do not count. Resuming at any world size or
+   batch size continues from that offset: nothing is skipped, and at the same world size the
+   remaining sequence is identical.
+5. Bad records are skipped and counted per source and reason (`bad_counts`); a batch whose records
+   are all bad takes the next readable record of the epoch instead (a counted repeat), so no rank
+   ever yields fewer batches. A source whose bad fraction passes `bad_fraction_limit` stops the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.collate import PreparedSample, collate, uniform_frame_indices
+from data.config import DataConfig, DataSource
+from data.records import BadRecord, ShardReader
+from data.text import record_conversations, tokenize_conversation
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_MAX_FALLBACK = 64
+
+
+class Source:
+    """One dataset folder: its shards in index order and their sample counts."""
+
+    def __init__(self, path: str, weight: float):
+        self.path, self.weight = str(path), float(weight)
+        index_path = Path(path) / "index.json"
+        try:
+            index = json.loads(index_path.read_text())
+            shards = index["shards"]
+            self.shards = [str(Path(path) / s["name"]) for s in shards]
+            counts = [int(s["samples"]) for s in shards]
+            sizes = [int(s["bytes"]) for s in shards]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{index_path}: no index.json (run `mambamia convert --merge-only`)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_path}: expected {{'shards': [{{'name', 'samples', 'bytes'}}]}} ({e!r})") from None
+        for shard, size in zip(self.shards, sizes):
+            if not os.path.exists(shard):
+                raise FileNotFoundError(f"{index_path}: shard {shard} listed but missing")
+            if os.path.getsize(shard) != size:
+                log.warning("%s: %d bytes, index.json says %d; bad records will be skipped and counted",
+                            shard, os.path.getsize(shard), size)
+        self.ends = np.cumsum(counts)
+        self.size = int(self.ends[-1]) if counts else 0
+        if self.size == 0:
+            raise ValueError(f"{index_path}: no samples")
+
+    def locate(self, index: int) -> tuple[str, int]:
+        shard = int(np.searchsorted(self.ends, index, side="right"))
+        return self.shards[shard], index - (int(self.ends[shard - 1]) if shard else 0)
+
+
+def apportion(total: int, weights: list[float]) -> list[int]:
+    """Integer shares of `total` proportional to `weights`, summing to `total` (largest remainder)."""
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    exact = w * total
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+class EpochPlan:
+    """Position in a mixture epoch -> (source, sample index); a pure function of (seed, epoch)."""
+
+    def __init__(self, sizes: list[int], weights: list[float], samples_per_epoch: int, seed: int, epoch: int):
+        self.sizes, self.seed, self.epoch, self.length = sizes, seed, epoch, samples_per_epoch
+        self.counts = apportion(samples_per_epoch, weights)
+        order = np.repeat(np.arange(len(sizes), dtype=np.int32), self.counts)
+        np.random.default_rng([seed, epoch, 0x6D6978]).shuffle(order)
+        self.source_of = order
+        self.rank_in_source = np.empty(len(order), dtype=np.int64)  # earlier positions of the same source
+        for s in range(len(sizes)):
+            where = np.flatnonzero(order == s)
+            self.rank_in_source[where] = np.arange(len(where))
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, source: int, source_epoch: int) -> np.ndarray:
+        key = (source, source_epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            self._perms[key] = np.random.default_rng([self.seed, source, source_epoch]).permutation(self.sizes[source])
+        return self._perms[key]
+
+    def item(self, position: int) -> tuple[int, int, int]:
+        """(source, sample index within the source, source epoch) at `position`."""
+        s = int(self.source_of[position])
+        stream = self.epoch * self.counts[s] + int(self.rank_in_source[position])
+        source_epoch, j = divmod(stream, self.sizes[s])
+        return s, int(self._perm(s, source_epoch)[j]), source_epoch
+
+    def rank_batch(self, start: int, batch: int, rank: int, world: int, batch_size: int) -> tuple[list[int], bool]:
+        """Positions of `rank`'s batch number `batch` counted from offset `start`; True if padded."""
+        first = start + batch * world * batch_size
+        positions = list(range(first + rank, min(first + world * batch_size, self.length), world))
+        if positions:
+            return positions, False
+        return [(rank - (self.length - first)) % self.length], True
+
+
+class _BatchStream(IterableDataset):
+    """Builds this rank's batches `first, first+1, ...`; in worker w only those with index = w mod n."""
+
+    def __init__(self, loader: VideoLoader, plan: EpochPlan, start: int, num_batches: int):
+        self.loader, self.plan, self.start, self.num_batches = loader, plan, start, num_batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cfg = self.loader.config
+        reader = ShardReader(num_patches=cfg.num_patches, feature_dim=cfg.feature_dim,
+                             check_finite=cfg.check_finite)
+        try:
+            for b in range(worker, self.num_batches, workers):
+                yield (b, *self._build(b, reader, shared=info is not None))
+        finally:
+            reader.close()
+
+    def _prepare(self, position: int, reader: ShardReader) -> PreparedSample:
+        loader, cfg = self.loader, self.loader.config
+        s, index, source_epoch = self.plan.item(position)
+        head = reader.head(*loader.sources[s].locate(index))
+        try:
+            convs = record_conversations(head.meta)
+            if not convs:
+                raise ValueError("no conversation and no answered qa item")
+            pick = 0 if len(convs) == 1 else int(
+                np.random.default_rng([cfg.seed, s, source_epoch, index]).integers(len(convs)))
+            ids, labels = tokenize_conversation(loader.tokenizer, convs[pick], cfg.max_text_len)
+        except ValueError as e:
+            raise BadRecord("text", f"{head.path}: {head.key}: {e}") from None
+        frame_idx = uniform_frame_indices(head.shape[0], cfg.max_frames)
+        return PreparedSample(head=head, source=loader.sources[s].path, input_ids=ids, labels=labels, frame_idx=frame_idx)
+
+    def _build(self, b: int, reader: ShardReader, shared: bool) -> tuple[dict, dict]:
+        loader = self.loader
+        positions, padded = self.plan.rank_batch(self.start, b, loader.rank, loader.world_size,
+                                                 loader.config.batch_size)
+        stats = {"seen": Counter(), "bad": Counter(), "repeats": int(padded)}
+        prepared = []
+        for p in positions:
+            source = loader.sources[self.plan.item(p)[0]].path
+            stats["seen"][source] += 1
+            try:
+                prepared.append(self._prepare(p, reader))
+            except BadRecord as e:
+                stats["bad"][(source, e.reason)] += 1
+                log.debug("skipped %s", e)
+        batch, failures = collate(prepared, reader, pad_id=loader.pad_id,
+                                  features_dtype=loader.config.features_dtype,
+                                  shared=shared) if prepared else ({}, [])
+        for sample, e in failures:
+            stats["bad"][(sample.source, e.reason)] += 1
+        fallback = positions[-1]
+        while not batch:  # every record bad: take the next readable one so this rank keeps pace
+            fallback = (fallback + 1) % self.plan.length
+            stats["repeats"] += 1
+            if stats["repeats"] > _MAX_FALLBACK:
+                raise RuntimeError(f"{_MAX_FALLBACK} consecutive unreadable records near epoch "
+                                   f"position {positions[0]}: check the shards of {sorted(stats['seen'])}")
+            try:
+                batch, _ = collate([self._prepare(fallback, reader)], reader, pad_id=loader.pad_id,
+                                   features_dtype=loader.config.features_dtype, shared=shared)
+            except BadRecord:
+                continue
+        return batch, stats
+
+
+def _as_source(item) -> DataSource:
+    if isinstance(item, (str, os.PathLike)):
+        return DataSource(path=str(item))
+    if isinstance(item, (tuple, list)):
+        return DataSource(path=str(item[0]), weight=float(item[1]))
+    if isinstance(item, dict):
+        return DataSource(**item)
+    return DataSource(path=str(item.path), weight=float(getattr(item, "weight", 1.0)))
+
+
+class VideoLoader:
+    """Batches for one data-parallel rank; iterate for the rest of the current epoch."""
+
+    def __init__(self, sources, tokenizer, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, **options):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"VideoLoader: rank {rank} outside world_size {world_size}")
+        self.config = DataConfig(sources=[_as_source(s) for s in sources], batch_size=batch_size,
+                                 seed=seed, num_workers=num_workers, **options)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rank, self.world_size = rank, world_size
+        self.sources = [Source(s.path, s.weight) for s in self.config.sources if s.weight > 0]
+        self.samples_per_epoch = self.config.samples_per_epoch or sum(s.size for s in self.sources)
+        self.epoch, self.offset = 0, 0
+        self.seen: Counter = Counter()
+        self.bad: Counter = Counter()  # (source, reason) -> count
+        self.repeats = 0
+        self._plan: EpochPlan | None = None
+
+    @classmethod
+    def from_config(cls, config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1) -> VideoLoader:
+        options = config.to_dict()
+        sources = [DataSource(**s) for s in options.pop("sources")]
+        return cls(sources, tokenizer, rank=rank, world_size=world_size, **options)
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.config.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.samples_per_epoch / self.global_batch)
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch (all of them unless resumed mid-epoch)."""
+        return math.ceil((self.samples_per_epoch - self.offset) / self.global_batch)
+
+    # -- counters for metrics ------------------------------------------------------------------
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        out: Counter = Counter()
+        for (_, reason), n in self.bad.items():
+            out[reason] += n
+        return dict(out)
+
+    @property
+    def bad_counts_by_source(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (source, reason), n in self.bad.items():
+            out.setdefault(source, {})[reason] = n
+        return out
+
+    def _account(self, stats: dict, epoch_done: bool) -> None:
+        self.seen.update(stats["seen"])
+        self.bad.update(stats["bad"])
+        self.repeats += stats["repeats"]
+        cfg = self.config
+        for src in {source for source, _ in (self.bad if epoch_done else stats["bad"])}:
+            bad = sum(n for (s, _), n in self.bad.items() if s == src)
+            if (self.seen[src] >= cfg.bad_check_after or epoch_done) and bad > cfg.bad_fraction_limit * self.seen[src]:
+                raise RuntimeError(f"data source {src}: {bad} of {self.seen[src]} records bad "
+                                   f"{self.bad_counts_by_source[src]}, above data.bad_fraction_limit="
+                                   f"{cfg.bad_fraction_limit}")
+
+    # -- order and state -----------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning, unless it is the epoch already in progress (resume)."""
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def _epoch_plan(self) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = EpochPlan([s.size for s in self.sources], [s.weight for s in self.sources],
+                                   self.samples_per_epoch, self.config.seed, self.epoch)
+        return self._plan
+
+    def _fingerprint(self) -> dict:
+        return {"seed": self.config.seed, "samples_per_epoch": self.samples_per_epoch,
+                "sources": [[s.path, s.weight, s.size] for s in self.sources]}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "offset": self.offset,
+                "world_size": self.world_size, "batch_size": self.config.batch_size,
+                "repeats": self.repeats, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict | list[dict]) -> None:
+        """Resume from this rank's saved state, or from the states of every rank of the old run.
+
+        With several states (a new world size), the earliest position wins so nothing is skipped;
+        samples the ahead ranks had already taken come again and are counted in `repeats`.
+        """
+        states = state if isinstance(state, list) else [state]
+        mine = self._fingerprint()
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state: version {st.get('version')}, expected {STATE_VERSION}")
+            theirs = {k: st.get(k) for k in mine}
+            if json.loads(json.dumps(theirs)) != json.loads(json.dumps(mine)):
+                raise ValueError(f"loader state: saved for {theirs}, this loader has {mine}: the order "
+                                 "would differ; start the stage afresh instead of resuming")
+        positions = sorted((st["epoch"] * self.samples_per_epoch + st["offset"]) for st in states)
+        self.epoch, self.offset = divmod(positions[0], self.samples_per_epoch)
+        self.repeats = max(st.get("repeats", 0) for st in states) + positions[-1] - positions[0]
+        if positions[-1] != positions[0]:
+            log.warning("loader resume: ranks had stopped at different positions; %d samples will "
+                        "repeat", positions[-1] - positions[0])
+        old = states[0]
+        if (old["world_size"], old["batch_size"]) != (self.world_size, self.config.batch_size):
+            log.info("loader resume: world x batch %d x %d -> %d x %d, continuing epoch %d at sample "
+                     "%d of %d", old["world_size"], old["batch_size"], self.world_size,
+                     self.config.batch_size, self.epoch, self.offset, self.samples_per_epoch)
+
+    # -- iteration -----------------------------------------------------------------------------
+    def __iter__(self):
+        plan, start, num_batches = self._epoch_plan(), self.offset, len(self)
+        stream = _BatchStream(self, plan, start, num_batches)
+        cfg = self.config
+        if cfg.num_workers > 0:
+            source = DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, num_batches) or 1,
+                                prefetch_factor=cfg.prefetch_factor)
+        else:
+            source = stream
+        for expected, (b, batch, stats) in enumerate(source):
+            if b != expected:
+                raise RuntimeError(f"loader: batch {b} arrived where {expected} was due (DataLoader order)")
+            self.offset = min(start + (b + 1) * self.global_batch, self.samples_per_epoch)
+            done = self.offset >= self.samples_per_epoch
+            if done:
+                self.epoch, self.offset = self.epoch + 1, 0
+            self._account(stats, done)
+            yield batch
