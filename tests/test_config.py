@@ -33,7 +33,7 @@ def _write(tmp_path: Path, name: str, data: dict) -> Path:
 
 def _minimal(**extra) -> dict:
     return {"run_dir": "r", "stage": "s", "trainable": ["projector"],
-            "model": {"llm_path": "/llm"}, "data": {"train": [{"path": "/shards"}]},
+            "model": {"llm_path": "/llm"}, "data": {"sources": [{"path": "/shards"}], "batch_size": 1},
             "schedule": {"total_steps": 10}, **extra}
 
 
@@ -45,7 +45,7 @@ def _minimal(**extra) -> dict:
 def test_every_stage_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)
     assert cfg.model.llm_path.startswith(("/tiny/", "/models/"))
-    assert all(src.path.startswith(("/tiny/", "/data/")) for src in cfg.data.train)
+    assert all(src.path.startswith(("/tiny/", "/data/")) for src in cfg.data.sources)
     # The saved resolved config is itself a loadable config giving the same tree.
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
@@ -66,11 +66,11 @@ def test_curriculum_freezes_llm_only_in_stage1_and_grows_frames():
 def test_overrides_are_typed_yaml_scalars(tmp_path):
     path = _write(tmp_path, "c.yaml", _minimal())
     cfg = load_config(path, ["optimizer.lr=3e-4", "parallel.zero_stage=3", "init_from=null",
-                             "model.compressor.k=4", "data.train.0.weight=2",
+                             "model.compressor.k=4", "data.sources.0.weight=2",
                              "optimizer.group_lr.projector=0.5", "trainable=[projector, llm]"])
     assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
     assert cfg.parallel.zero_stage == 3 and cfg.init_from is None
-    assert cfg.model.compressor.k == 4 and cfg.data.train[0].weight == 2.0
+    assert cfg.model.compressor.k == 4 and cfg.data.sources[0].weight == 2.0
     assert cfg.optimizer.group_lr == {"projector": 0.5} and cfg.trainable == ["projector", "llm"]
 
 
@@ -86,14 +86,15 @@ def test_includes_merge_maps_and_replace_lists(tmp_path):
     ("optimizer.lrr=1", "optimizer.lrr: unknown key; allowed keys: ['betas', 'eps'"),
     ("parallel.zero_stage=4", "parallel.zero_stage: expected one of [1, 2, 3], got 4"),
     ("parallel.precision=fp16", "parallel.precision: expected one of ['auto', 'bf16', 'fp32']"),
-    ("parallel.micro_batch_size=two", "parallel.micro_batch_size: expected an integer, got 'two'"),
+    ("data.batch_size=two", "data.batch_size: expected an integer, got 'two'"),
     ("logging.tensorboard=1", "logging.tensorboard: expected true or false, got 1"),
     ("model.compressor.kind=lstm", "model.compressor: CompressorConfig.kind: expected one of ['mambamia'"),
-    ("data.train.3.weight=1", "data.train.3: expected a list index below 1"),
+    ("data.sources.3.weight=1", "data.sources.3: expected a list index below 1"),
     ("optimizer.group_lr.llm=1", "optimizer.group_lr.llm: not in trainable ['projector']"),
     ("schedule.epochs=1", "schedule: give exactly one of total_steps and epochs"),
     ("parallel.offload_params=cpu", "parallel.offload_params: needs parallel.zero_stage=3"),
     ("optimizer.lr", "override 'optimizer.lr': expected key.sub=value"),
+    ("data.batch_size=0", "data: data.batch_size: expected >= 1, got 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = _write(tmp_path, "c.yaml", _minimal())
@@ -126,7 +127,7 @@ def _cfg(tmp_path, *overrides) -> RunConfig:
 @pytest.mark.parametrize("zero", [1, 2, 3])
 @pytest.mark.parametrize("world, micro, global_batch", [(1, 1, 1), (2, 2, 8), (8, 4, 96)])
 def test_ds_config_batch_invariant_and_stage(tmp_path, zero, world, micro, global_batch):
-    cfg = _cfg(tmp_path, f"parallel.zero_stage={zero}", f"parallel.micro_batch_size={micro}",
+    cfg = _cfg(tmp_path, f"parallel.zero_stage={zero}", f"data.batch_size={micro}",
                f"parallel.global_batch_size={global_batch}", "optimizer.grad_clip=0.5")
     ds = build_ds_config(cfg, world)
     accum = ds["gradient_accumulation_steps"]
@@ -150,7 +151,7 @@ def test_ds_config_precision_and_offload(tmp_path):
 
 
 def test_ds_config_rejects_indivisible_batch(tmp_path):
-    cfg = _cfg(tmp_path, "parallel.micro_batch_size=2", "parallel.global_batch_size=6")
+    cfg = _cfg(tmp_path, "data.batch_size=2", "parallel.global_batch_size=6")
     with pytest.raises(ConfigError, match=r"parallel\.global_batch_size: 6 is not a multiple of .* 2 x 2"):
         build_ds_config(cfg, 2)
 
@@ -196,7 +197,8 @@ class _StandIn(nn.Module):
         self.projector = nn.Linear(8, 8)
 
     def module_groups(self):
-        return {"llm": self.llm, "compressor": self.compressor, "projector": self.projector}
+        return {name: list(getattr(self, name).named_parameters(prefix=name))
+                for name in ("llm", "compressor", "projector")}
 
 
 def test_freeze_and_param_groups(tmp_path):

@@ -21,31 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
+from data.config import DataConfig, DataSource
 from model.config import VideoLLMConfig
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
-
-
-@dataclass(kw_only=True)
-class DatasetSource:
-    path: str
-    """A dataset folder (shards + index.json) written by `mambamia convert`."""
-    weight: float = 1.0
-    """Relative sampling weight in the mixture."""
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    train: list[DatasetSource]
-    val: list[DatasetSource] = field(default_factory=list)
-    """Held-out datasets for the validation loss; empty disables validation."""
-    max_frames: int = 8
-    """Frames per video handed to the compressor (the loader subsamples longer clips)."""
-    max_text_len: int = 2048
-    """Token budget of the text part of a sample (the visual tokens come on top)."""
-    num_workers: int = 0
 
 
 @dataclass(kw_only=True)
@@ -77,10 +58,9 @@ class ScheduleConfig:
 @dataclass(kw_only=True)
 class ParallelConfig:
     zero_stage: Literal[1, 2, 3] = 2
-    micro_batch_size: int = 1
-    """Samples per process per forward pass."""
     global_batch_size: int = 1
-    """Samples per optimizer step over all processes; must be micro x accumulation x data-parallel."""
+    """Samples per optimizer step over all processes: data.batch_size (the micro-batch) x gradient
+    accumulation x data-parallel processes; the accumulation is derived from it."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """`auto` = bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
     offload_optimizer: Literal["none", "cpu"] = "none"
@@ -99,6 +79,8 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class ValidationConfig:
+    sources: list[DataSource] = field(default_factory=list)
+    """Held-out dataset folders; empty disables validation."""
     every_steps: int = 0
     """Validation loss every N steps (0: only at the end of the stage)."""
     max_batches: int = 0
@@ -127,6 +109,7 @@ class RunConfig:
     max_nonfinite_steps: int = 3
     """Steps with a non-finite loss or gradient norm that are skipped before the run stops."""
     data: DataConfig
+    """The training mixture and loader (data/config.py); `data.batch_size` is the micro-batch."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -149,6 +132,8 @@ class RunConfig:
             raise ConfigError(f"schedule.warmup_ratio: expected in [0, 1), got {self.schedule.warmup_ratio}")
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas: expected two numbers, got {self.optimizer.betas}")
+        if self.parallel.global_batch_size < 1:
+            raise ConfigError(f"parallel.global_batch_size: expected >= 1, got {self.parallel.global_batch_size}")
         if self.parallel.pipeline_stages != 1:
             raise ConfigError(f"parallel.pipeline_stages: only 1 is implemented, got {self.parallel.pipeline_stages}")
         if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:

@@ -29,14 +29,12 @@ def resolve_precision(cfg: RunConfig, on_cuda: bool) -> str:
 
 def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for this run; pure, so it is unit-tested without launching."""
-    par = cfg.parallel
-    per_step = par.micro_batch_size * world_size
-    if par.micro_batch_size < 1 or par.global_batch_size < 1:
-        raise ConfigError("parallel.micro_batch_size and parallel.global_batch_size: expected >= 1")
+    par, micro = cfg.parallel, cfg.data.batch_size
+    per_step = micro * world_size
     if par.global_batch_size % per_step:
         raise ConfigError(
             f"parallel.global_batch_size: {par.global_batch_size} is not a multiple of "
-            f"micro_batch_size x data-parallel processes = {par.micro_batch_size} x {world_size}")
+            f"data.batch_size x data-parallel processes = {micro} x {world_size}")
     accum = par.global_batch_size // per_step
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.offload_optimizer == "cpu":
@@ -48,7 +46,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     ds = {
         "train_batch_size": par.global_batch_size,
-        "train_micro_batch_size_per_gpu": par.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": zero,
@@ -61,20 +59,21 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
     }
-    assert ds["train_batch_size"] == par.micro_batch_size * accum * world_size
+    assert ds["train_batch_size"] == micro * accum * world_size
     return ds
 
 
-def freeze(model: nn.Module, trainable: list[str]) -> dict[str, nn.Module]:
-    """requires_grad only on the trainable module groups; returns all groups by name."""
-    groups = dict(model.module_groups())
+def freeze(model: nn.Module, trainable: list[str]) -> None:
+    """requires_grad only on the parameters of the trainable groups of `model.module_groups()`
+    (group name -> [(parameter name, parameter)])."""
+    groups = model.module_groups()
     unknown = [name for name in trainable if name not in groups]
     if unknown:
         raise ConfigError(f"trainable: unknown module group(s) {unknown}; allowed: {sorted(groups)}")
     model.requires_grad_(False)
     for name in trainable:
-        groups[name].requires_grad_(True)
-    return groups
+        for _, param in groups[name]:
+            param.requires_grad_(True)
 
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
@@ -89,13 +88,13 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     Call after `freeze`. Each group carries a `name` ("projector", "projector.no_decay") that the
     metrics use for its learning rate.
     """
-    groups = dict(model.module_groups())
+    groups = model.module_groups()
     seen: set[int] = set()
     out = []
     for group_name in cfg.trainable:
         lr = cfg.optimizer.group_lr.get(group_name, cfg.optimizer.lr)
         decay, no_decay = [], []
-        for name, param in groups[group_name].named_parameters():
+        for name, param in groups[group_name]:
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
