@@ -187,3 +187,101 @@ def test_multi_rank_merge_equals_single_rank(tmp_path, world_size):
     assert (merged["correct"], merged["scored"]) == (6, 10)
     with pytest.raises(ValueError, match="scored by two ranks"):
         merge_parts([parts[0], parts[0]])
+
+
+# ---------------------------------------------------------------- the command on a real tiny model
+
+def _tiny_export(tiny_assets, out_dir):
+    import torch
+
+    from model.config import CompressorConfig, VideoLLMConfig
+    from model.video_llm import VideoLLM
+
+    cfg = VideoLLMConfig(llm_path=str(tiny_assets["llm"]), compressor=CompressorConfig(
+        input_dim=32, hidden_size=32, num_layers=1, k=4, taa_layers=1, keyframes=2, d_state=16,
+        headdim=16, ssd_chunk_size=32, gpa_dropout=0.0))
+    torch.manual_seed(0)
+    model = VideoLLM.build(cfg)
+    model.save_pretrained(out_dir)
+    return model.eval()
+
+
+def _oracle_scores(model, item: dict, features: np.ndarray) -> list[float]:
+    """Log-likelihood of each option's letter through the training tokenization and the model's
+    own label alignment (padded batch, `out.labels`), not through the evaluator's code path."""
+    import torch
+
+    from data.text import qa_conversation, tokenize_conversation
+
+    rows = []
+    for i in range(len(item["options"])):
+        ids, labels = tokenize_conversation(model.tokenizer, qa_conversation({**item, "answer": i}), 512)
+        first = next(t for t, lab in enumerate(labels) if lab != -100)
+        rows.append((ids, [-100] * first + [labels[first]] + [-100] * (len(ids) - first - 1)))
+    width = max(len(ids) for ids, _ in rows)
+    pad = model.tokenizer.pad_token_id
+    input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+    feats = torch.from_numpy(features.astype(np.float32)).expand(len(rows), *features.shape)
+    with torch.no_grad():
+        out = model(input_ids, mask, feats, torch.ones(len(rows), len(features), dtype=torch.bool), labels=labels)
+    logp = torch.log_softmax(out.logits[:, :-1].double(), -1)
+    target = out.labels[:, 1:]
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (target != -100)).sum(-1).tolist()
+
+
+def test_eval_command_on_tiny_model(tiny_assets, tmp_path):
+    from model.budget import visual_token_count
+    from trainer.evaluate import main
+
+    model = _tiny_export(tiny_assets, tmp_path / "export")
+    rng = np.random.default_rng(0)
+    videos = {"vid_a": [qa("a1", 2, "colour", "short"), qa("a2", None, "colour", "short")],
+              "vid_b": [qa("b1", 1, "shape", "medium")]}
+    features = {k: rng.standard_normal((5 + i, 16, 32)).astype(np.float16) for i, k in enumerate(videos)}
+    with ShardWriter(tmp_path / "ds", max_samples=1) as writer:
+        for key, items in videos.items():
+            writer.write(key, features[key], {
+                "key": key, "duration": float(len(features[key])), "fps": 1.0, "qa": items,
+                "conversations": [[{"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "red"}]]})
+    write_index(tmp_path / "ds")
+
+    out = tmp_path / "eval" / "report.json"
+    assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(out),
+                 "--open-ended", str(tmp_path / "eval" / "open.jsonl"), "--max-new-tokens", "3"]) == 0
+    report = json.loads(out.read_text())
+    preds = {p["id"]: p for p in report["predictions"]}
+    for key, items in videos.items():
+        for item in items:
+            assert preds[item["id"]]["scores"] == pytest.approx(_oracle_scores(model, item, features[key]), abs=1e-4)
+        n = len(features[key])
+        assert report["videos"][key]["visual_tokens"] == visual_token_count(
+            model.config, duration_s=float(n), fps=1.0, max_frames=n, patches_per_frame=16)
+    assert report["correct"] == sum(p["predicted"] == p["answer"] for p in preds.values() if p["answer"] is not None)
+    assert report["scored"] == 2 and report["unanswered"] == 1
+    assert (tmp_path / "eval" / "report.txt").read_text().startswith(" ")
+    lines = (tmp_path / "eval" / "open.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["vid_a#0", "vid_b#0"]
+
+    # two independent jobs: the second to finish merges, and the merge equals the single run
+    merged = tmp_path / "eval" / "merged.json"
+    for rank in (1, 0):
+        assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(merged),
+                     "--rank", str(rank), "--world-size", "2"]) == 0
+    merged_report = json.loads(merged.read_text())
+    assert merged_report["world_size"] == 2
+    assert [(p["id"], p["predicted"]) for p in merged_report["predictions"]] == \
+        [(p["id"], p["predicted"]) for p in report["predictions"]]
+    for a, b in zip(merged_report["predictions"], report["predictions"]):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+    gen = tmp_path / "eval" / "gen.json"
+    assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(gen),
+                 "--method", "generate", "--max-new-tokens", "3"]) == 0
+    gen_report = json.loads(gen.read_text())
+    for p in gen_report["predictions"]:
+        assert isinstance(p["output"], str)
+        assert p["predicted"] == parse_letter(p["output"], [f"option {i}" for i in range(4)])
+    assert gen_report["unparsed"] == sum(p["predicted"] is None for p in gen_report["predictions"])

@@ -302,11 +302,25 @@ class ModelQA:
         self.max_frames, self.target, self.reduce = max_frames, target, reduce
         self.max_new_tokens = max_new_tokens
 
+    def frame_indices(self, n_frames: int) -> np.ndarray:
+        """Frames shown to the model: all, or max_frames spread uniformly (extraction's rule)."""
+        if self.max_frames is None or n_frames <= self.max_frames:
+            return np.arange(n_frames)
+        return np.linspace(0, n_frames - 1, self.max_frames).round().astype(int)
+
     def frames(self, features: np.ndarray) -> np.ndarray:
-        """Uniformly thin a video to max_frames, the same rule extraction uses for long videos."""
-        if self.max_frames is None or len(features) <= self.max_frames:
-            return features
-        return features[np.linspace(0, len(features) - 1, self.max_frames).round().astype(int)]
+        return features[self.frame_indices(len(features))]
+
+    def visual_summary(self, features: np.ndarray) -> tuple[int, list[int]]:
+        """(visual tokens the LLM receives, indices of the kept frames in the record's frames),
+        measured on the compressor itself rather than predicted."""
+        inputs = self._inputs(features, [[0]])
+        with self.torch.no_grad():
+            out = self.model.compressor(inputs["features"], inputs["frame_mask"])
+        kept, per_frame = out.tokens[0].shape[0], out.tokens[0].shape[1]
+        separator = int(getattr(self.model, "frame_separator", None) is not None)
+        shown = self.frame_indices(len(features))
+        return kept * (per_frame + separator), [int(shown[i]) for i in out.kept[0].tolist()]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -387,25 +401,20 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 def _score_share(args: argparse.Namespace, rank: int, world_size: int) -> dict:
     """This rank's predictions, visual tokens per video and open-ended answers."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
-    from model.budget import visual_token_count
     from model.video_llm import VideoLLM
 
     model = VideoLLM.from_pretrained(args.export_dir)
-    tokenizer = AutoTokenizer.from_pretrained(Path(args.export_dir) / "llm")
-    qa = ModelQA(model, tokenizer, max_frames=args.max_frames, target=args.target, reduce=args.reduce,
-                 max_new_tokens=args.max_new_tokens)
-    predictions, tokens, answers = [], {}, []
+    qa = ModelQA(model, model.tokenizer, max_frames=args.max_frames, target=args.target,
+                 reduce=args.reduce, max_new_tokens=args.max_new_tokens)
+    predictions, tokens, kept, answers = [], {}, {}, []
     bar = tqdm(iter_records(args.shards, rank=rank, world_size=world_size), desc=f"eval rank {rank}",
                unit="video", disable=rank != 0, file=sys.stderr)
     for record in bar:
         if record.features is None:
             continue
         features = record.features
-        tokens[record.key] = visual_token_count(model.config, duration_s=float(record.meta["duration"]),
-                                                fps=float(record.meta["fps"]),
-                                                max_frames=len(qa.frames(features)))
+        tokens[record.key], kept[record.key] = qa.visual_summary(features)
         predictions += score_items(record.items, method=args.method,
                                    loglik_fn=lambda item: qa.option_logliks(item, features),
                                    generate_fn=lambda item: qa.generate(
@@ -417,14 +426,16 @@ def _score_share(args: argparse.Namespace, rank: int, world_size: int) -> dict:
                 if human is not None:
                     answers.append({"id": f"{record.key}#{i}", "key": record.key, "prompt": human,
                                     "reference": reference, "answer": qa.generate(human, features)})
-    return {"predictions": predictions, "visual_tokens": tokens, "open_ended": answers}
+    return {"predictions": predictions, "visual_tokens": tokens, "kept_frames": kept, "open_ended": answers}
 
 
 def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
     predictions, tokens = merge_parts(parts)
     report = summarize(predictions, visual_tokens=tokens, method=args.method)
+    kept = {k: v for part in parts for k, v in part["kept_frames"].items()}
     report.update(export_dir=str(args.export_dir), shards=str(args.shards), target=args.target,
-                  reduce=args.reduce, world_size=len(parts))
+                  reduce=args.reduce, world_size=len(parts),
+                  videos={k: {"visual_tokens": tokens[k], "kept_frames": kept[k]} for k in sorted(tokens)})
     table = format_table(report)
     out = Path(args.out)
     write_atomic(out, json.dumps(report, indent=1) + "\n")
