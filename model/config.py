@@ -168,11 +168,6 @@ class CompressorConfig:
         if self.transformer_mlp_ratio <= 0 or self.init_scale <= 0 or self.norm_eps <= 0:
             raise ValueError(f"{name}: transformer_mlp_ratio, init_scale and norm_eps must be > 0")
 
-    def tokens_per_frame(self, patches: int) -> int:
-        """Visual tokens one kept frame contributes (before any frame separator)."""
-        anchors = -(-patches // self.k)
-        return anchors if self.taa_k is None else -(-anchors // self.taa_k)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
