@@ -44,6 +44,8 @@ fi
 
 # --- slurm.conf: one node, this machine, every core ---------------------------------------------
 host=$(hostname -s)
+# SLURM's default RealMemory is 1 MB, which makes every --mem request unsatisfiable.
+mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 conf_dir=/etc/slurm
 install -d -m 0755 "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 # linuxproc/none: no cgroup hierarchy or systemd inside the container. cred_expire=10 makes a
@@ -78,7 +80,7 @@ SlurmdPort=6818
 KillWait=60
 MinJobAge=600
 MaxJobCount=10000
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(nproc) State=UNKNOWN
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
