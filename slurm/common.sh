@@ -67,7 +67,7 @@ mm_select_device() {
         mm_log "device: $MM_GPUS GPU(s) per node, NCCL"
     else
         export DS_ACCELERATOR=cpu
-        mm_log "device: no GPU, CPU processes with gloo (DS_ACCELERATOR=cpu)"
+        mm_log "device: no GPU: CPU processes (gloo, DS_ACCELERATOR=cpu)"
     fi
 }
 
@@ -103,6 +103,7 @@ mm_rendezvous() {
 # the work runs in the background and the script sits in `wait`, which a trap interrupts.
 mm_forward_signal() {
     MM_INTERRUPTED=1
+    MM_SIGNALLED=$1
     mm_log "got SIG$1: forwarding to the ranks (they checkpoint at the next step boundary and exit $REQUEUE_EXIT_CODE)"
     local pid
     for pid in "${MM_PIDS[@]}"; do kill -s "$1" "$pid" 2>/dev/null; done
