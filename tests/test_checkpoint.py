@@ -1,0 +1,200 @@
+"""Checkpointer, stop signals and RNG state.
+
+Unit tests drive the Checkpointer with a stand-in engine that writes one file per rank (the folder
+protocol does not depend on what DeepSpeed writes). The multi-process tests run the toy DeepSpeed
+job of tests/ckpt_worker.py on 2 gloo ranks; their oracle is an uninterrupted run of the same job,
+whose losses, per-rank RNG draws and loader positions an interrupted-and-resumed run must repeat.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import signals
+from trainer.checkpoint import CRASH_IN_SAVE_ENV, MARKER, Checkpointer, gather_client_state
+from trainer.rng import get_rng_state, seed_everything, set_rng_state
+
+
+class FakeEngine:
+    """Writes what save_checkpoint is given, so tests can see which tag was loaded."""
+
+    def __init__(self):
+        self.loaded: list[str] = []
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # `latest` is the Checkpointer's, written after the marker
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save(client_state, os.path.join(save_dir, tag, "state.pt"))
+
+    def load_checkpoint(self, load_dir, tag):
+        self.loaded.append(tag)
+        return load_dir, torch.load(os.path.join(load_dir, tag, "state.pt"), weights_only=False)
+
+
+def _save(ckpt, step):
+    ckpt.save(FakeEngine(), step, {"step": step})
+
+
+def test_save_publishes_then_prunes(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    assert ckpt.latest_step() is None and ckpt.load(FakeEngine()) is None
+    for step in (10, 20, 30):
+        _save(ckpt, step)
+        assert (ckpt.root / "latest").read_text().strip() == str(step)
+    assert ckpt.complete_steps() == [20, 30]
+    assert not (ckpt.root / "10").exists()
+    assert ckpt.info(30)["world_size"] == 1 and ckpt.info(30)["step"] == 30
+    engine = FakeEngine()
+    assert ckpt.load(engine)["step"] == 30 and engine.loaded == ["30"]
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=3)
+    _save(ckpt, 1)
+    _save(ckpt, 2)
+    # What crashes leave behind: DeepSpeed files of an unpublished save, a folder that lost its
+    # marker in an interrupted prune, a temp `latest`; plus `latest` naming a folder that is gone.
+    (ckpt.root / "3.partial").mkdir()
+    (ckpt.root / "3.partial" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 10)
+    (ckpt.root / "0").mkdir()
+    (ckpt.root / "latest.tmp.123").write_text("3")
+    unrelated = ckpt.root / "notes.txt"
+    unrelated.write_text("user file")
+    assert ckpt.latest_step() == 2
+    engine = FakeEngine()
+    assert ckpt.load(engine)["step"] == 2 and engine.loaded == ["2"]
+    assert sorted(p.name for p in ckpt.root.iterdir()) == ["1", "2", "latest", "notes.txt"]
+    (ckpt.root / "latest").write_text("7\n")
+    assert ckpt.latest_step() == 2
+
+
+def test_save_of_existing_step_is_skipped(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    _save(ckpt, 5)
+    before = (ckpt.root / "5" / MARKER).read_text()
+    ckpt.save(FakeEngine(), 5, {"step": -1})
+    assert (ckpt.root / "5" / MARKER).read_text() == before
+    assert torch.load(ckpt.root / "5" / "state.pt", weights_only=False)["step"] == 5
+
+
+def test_keep_last_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep_last"):
+        Checkpointer(tmp_path, keep_last=0)
+
+
+def _draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_rng_state_round_trip(tmp_path):
+    seed_everything(123)
+    _draws()
+    random.gauss(0, 1)  # leaves a cached gaussian in python's state
+    np.random.randn()
+    torch.save(get_rng_state(), tmp_path / "rng.pt")
+    expected = _draws() + (random.gauss(0, 1), float(np.random.randn()))
+    seed_everything(7)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() + (random.gauss(0, 1), float(np.random.randn())) == expected
+    with pytest.raises(ValueError, match="numpy"):
+        set_rng_state({"python": None, "torch": None, "cuda": []})
+
+
+def test_client_state_single_process():
+    seed_everything(0)
+    state = gather_client_state(step=4, epoch=1, loader_state={"position": 9}, config={"a": 1},
+                                stage="s1")
+    assert state["loader_states"] == [{"position": 9}] and len(state["rng_states"]) == 1
+    assert state["step"] == 4 and state["epoch"] == 1 and state["stage"] == "s1"
+    assert state["world_size"] == 1 and state["code_version"]
+    # The captured state is the one in force when gathering: restoring it repeats the next draw.
+    nxt = torch.rand(1)
+    set_rng_state(state["rng_states"][0])
+    assert torch.equal(torch.rand(1), nxt)
+
+
+def test_stop_signal_sets_flag():
+    previous = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    try:
+        signals.install()
+        signals.clear()
+        assert not signals.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received() == signal.SIGTERM and signals.should_stop()
+        signals.clear()
+        assert not signals.should_stop()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signals.clear()
+    assert signals.REQUEUE_EXIT_CODE == 85
+
+
+# --------------------------------------------------------------------------- 2-rank DeepSpeed runs
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-2 run of 8 steps (checkpoints every 2, keeps 6 and 8)."""
+    from tests.ckpt_worker import launch, read_log
+
+    run = tmp_path_factory.mktemp("reference")
+    assert launch(run, 2, "--tag", "ref", "--steps", "8") == [0, 0]
+    return run, read_log(run, "ref")
+
+
+def _assert_same_steps(log, ref, steps, *, world=2):
+    assert sorted(log) == list(steps)
+    for s in steps:
+        assert log[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-6, rel=0), s
+        assert log[s]["draws"] == ref[s]["draws"][:world], s  # each rank's RNG stream restored
+        assert log[s]["positions"] == [s] * world, s  # each rank's loader state restored
+
+
+def test_signal_stop_then_kill_in_save_then_resume(reference, tmp_path):
+    from tests.ckpt_worker import launch, read_log
+
+    ref_dir, ref = reference
+    ckpt = Checkpointer(tmp_path)
+    # Only rank 0 gets SIGUSR1 after step 3: both ranks must agree to save at 3 and exit 85.
+    assert launch(tmp_path, 2, "--tag", "a", "--steps", "8", "--signal-at", "3") == [85, 85]
+    assert ckpt.latest_step() == 3
+    assert sorted(p.name for p in (ckpt.root / "3").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    # Resume; rank 0 is SIGKILLed inside the save of step 6, after DeepSpeed wrote its files.
+    codes = launch(tmp_path, 2, "--tag", "b", "--steps", "8", env={CRASH_IN_SAVE_ENV: "6"})
+    assert codes[0] == -signal.SIGKILL
+    assert ckpt.latest_step() == 4 and (ckpt.root / "6.partial").is_dir()
+    # Resume again: steps 5 and 6 are redone, and the whole sequence matches the reference.
+    assert launch(tmp_path, 2, "--tag", "c", "--steps", "8") == [0, 0]
+    assert not (ckpt.root / "6.partial").exists() and ckpt.complete_steps() == [6, 8]
+    _assert_same_steps(read_log(tmp_path, "a"), ref, range(1, 4))
+    _assert_same_steps({s: r for s, r in read_log(tmp_path, "b").items()}, ref, range(4, 7))
+    _assert_same_steps(read_log(tmp_path, "c"), ref, range(5, 9))
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(reference, tmp_path):
+    from tests.ckpt_worker import launch, read_log
+
+    ref_dir, ref = reference
+    ckpt = Checkpointer(tmp_path)
+    ckpt.root.mkdir()
+    shutil.copytree(ref_dir / "checkpoints" / "6", ckpt.root / "6")
+    (ckpt.root / "latest").write_text("6\n")
+    # One rank with 2 micro-batches per step sees the same global batch as 2 ranks with one each.
+    assert launch(tmp_path, 1, "--tag", "one", "--steps", "8") == [0]
+    log = read_log(tmp_path, "one")
+    assert sorted(log) == [7, 8]
+    for s in (7, 8):
+        assert log[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-6, rel=0)
+        assert log[s]["draws"] == ref[s]["draws"][:1] and log[s]["positions"] == [s]
+    assert ckpt.info(8)["world_size"] == 1
+    assert json.loads((ckpt.root / "6" / MARKER).read_text())["world_size"] == 2
