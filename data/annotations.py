@@ -1,0 +1,296 @@
+"""Annotation files in the forms datasets publish them, normalised to one per-video item.
+
+Formats (JSON list or JSONL, one item per element/line; `auto` looks at the first item's fields):
+- `llava`: LLaVA-Video / ShareGPT: {"video", "conversations": [{"from": "human"|"gpt", "value"}]}.
+  The image/video placeholder becomes exactly one `<video>`, in the first human turn.
+- `videomme`: Video-MME rows {"videoID", "question", "options": ["A. ...", ...], "answer": "A",
+  "duration", "task_type", "question_id"}, or one row per video with those in "questions".
+- `mlvu`: MLVU {"video", "question", "candidates": [...], "answer": <candidate text>,
+  "question_type", "duration"}.
+- `lvbench`: LVBench video_info.meta.jsonl {"key", "qa": [{"uid", "question": "...\\n(A) ...\\n(B) ...",
+  "answer": "B", "question_type": [...], "time_reference"}]}.
+
+Multiple-choice items become {"id", "question", "options" (no letter prefixes), "answer" (index or
+None), "type", "duration_bucket", "time_reference"}. A malformed item raises AnnotationError whose
+message is one line naming the file, the line or record, and the field.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+VIDEO_TOKEN = "<video>"
+FORMATS = ("auto", "llava", "videomme", "mlvu", "lvbench")
+_PLACEHOLDERS = ("<image>", VIDEO_TOKEN)
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+_LETTER_PREFIX = re.compile(r"^\s*\(?([A-Z])\s*[\.\):]\s*")
+_LVBENCH_OPTION = re.compile(r"^\(([A-Z])\)\s*(.*)$")
+
+
+class AnnotationError(ValueError):
+    pass
+
+
+@dataclass(kw_only=True)
+class VideoItem:
+    video: str
+    """The video as the annotation names it (a path relative to the video root, or a file name)."""
+    where: str
+    """file:line / file#record of the first annotation naming this video, for error messages."""
+    conversations: list[list[dict]] = field(default_factory=list)
+    qa: list[dict] = field(default_factory=list)
+    duration: float | None = None
+
+    def merge(self, other: VideoItem) -> None:
+        self.conversations.extend(other.conversations)
+        self.qa.extend(other.qa)
+        if self.duration is None:
+            self.duration = other.duration
+
+
+_NOT_SHOWN = object()
+
+
+class _Ctx:
+    """Where a record came from, to build one-line errors."""
+
+    def __init__(self, path: Path, where: str):
+        self.path, self.where = path, where
+
+    def fail(self, field_name: str, expected: str, got: Any = _NOT_SHOWN) -> AnnotationError:
+        got_text = "" if got is _NOT_SHOWN else f", got {_short(got)}"
+        return AnnotationError(f"{self.path}:{self.where}: field '{field_name}': expected {expected}{got_text}")
+
+    def get(self, record: dict, name: str, kind: type | tuple, *, optional: bool = False):
+        value = record.get(name)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(name, f"a {names}", value)
+        return value
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_records(path: str | Path) -> Iterator[tuple[_Ctx, dict]]:
+    """Each object of a JSON list or JSONL file, with its location ('line N' or 'record N')."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: annotation file not found")
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        for i, record in enumerate(records):
+            ctx = _Ctx(path, f"record {i}")
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{path}:record {i}: expected a JSON object, got {_short(record)}")
+            yield ctx, record
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(f"{path}:line {lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise AnnotationError(f"{path}:line {lineno}: expected a JSON object, got {_short(record)}")
+        yield _Ctx(path, f"line {lineno}"), record
+
+
+def detect_format(record: dict) -> str | None:
+    if "conversations" in record:
+        return "llava"
+    if "videoID" in record or ("questions" in record and "video_id" in record):
+        return "videomme"
+    if "candidates" in record:
+        return "mlvu"
+    if "qa" in record and "key" in record:
+        return "lvbench"
+    return None
+
+
+def parse_file(path: str | Path, fmt: str = "auto",
+               on_error: Callable[[AnnotationError], None] | None = None) -> list[VideoItem]:
+    """All items of one annotation file, in file order (one per record; grouping is the caller's).
+
+    A malformed record raises AnnotationError, or, with `on_error`, is passed to it and skipped.
+    """
+    if fmt not in FORMATS:
+        raise AnnotationError(f"{path}: unknown annotation format {fmt!r}; expected one of {FORMATS}")
+    items = []
+    for ctx, record in read_records(path):
+        if fmt == "auto":
+            fmt = detect_format(record) or ""
+            if not fmt:
+                raise AnnotationError(f"{ctx.path}:{ctx.where}: cannot tell the format from fields "
+                                      f"{sorted(record)[:8]}; pass --format")
+        try:
+            items.extend(PARSERS[fmt](ctx, record))
+        except AnnotationError as err:
+            if on_error is None:
+                raise
+            on_error(err)
+    return items
+
+
+def _conversation(ctx: _Ctx, turns: Any, name: str) -> list[dict]:
+    if not isinstance(turns, list) or len(turns) < 2:
+        raise ctx.fail(name, "a list of at least 2 turns", turns)
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise ctx.fail(f"{name}[{i}]", "an object with 'from' and 'value'", turn)
+        role = _ROLES.get(turn.get("from"))
+        if role is None:
+            raise ctx.fail(f"{name}[{i}].from", f"one of {sorted(_ROLES)}", turn.get("from"))
+        expected_role = "human" if i % 2 == 0 else "gpt"
+        if role != expected_role:
+            raise ctx.fail(f"{name}[{i}].from", f"'{expected_role}' (turns alternate, human first)", turn["from"])
+        value = turn.get("value")
+        if not isinstance(value, str):
+            raise ctx.fail(f"{name}[{i}].value", "a string", value)
+        count = sum(value.count(tag) for tag in _PLACEHOLDERS)
+        if count and (role == "gpt" or i > 0):
+            raise ctx.fail(f"{name}[{i}].value", "the <video>/<image> placeholder only in the first human turn")
+        if count > 1:
+            raise ctx.fail(f"{name}[0].value", f"one <video>/<image> placeholder, found {count}")
+        out.append({"from": role, "value": value.replace("<image>", VIDEO_TOKEN)})
+    if VIDEO_TOKEN not in out[0]["value"]:
+        out[0]["value"] = f"{VIDEO_TOKEN}\n{out[0]['value']}"
+    return out
+
+
+def _parse_llava(ctx: _Ctx, record: dict) -> list[VideoItem]:
+    video = ctx.get(record, "video", str)
+    return [VideoItem(video=video, where=ctx.where,
+                      conversations=[_conversation(ctx, record.get("conversations"), "conversations")])]
+
+
+def answer_index(ctx: _Ctx, answer: Any, options: list[str], name: str) -> int | None:
+    """A letter ("B", "(B)", "B. text") or an option's exact text -> index; None when absent."""
+    if answer is None or answer == "":
+        return None
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if 0 <= answer < len(options):
+            return answer
+        raise ctx.fail(name, f"an option index below {len(options)}", answer)
+    if not isinstance(answer, str):
+        raise ctx.fail(name, "a letter or option text", answer)
+    text = answer.strip()
+    if text in options:
+        return options.index(text)
+    m = _LETTER_PREFIX.match(text + ".") if len(text) <= 3 else _LETTER_PREFIX.match(text)
+    if m:
+        idx = ord(m.group(1)) - ord("A")
+        if idx < len(options):
+            return idx
+    raise ctx.fail(name, f"a letter A-{chr(ord('A') + len(options) - 1)} or one of the options' texts", answer)
+
+
+def strip_letters(ctx: _Ctx, options: Any, name: str, *, prefixed: bool) -> list[str]:
+    """["A. red", "B. blue"] -> ["red", "blue"]; letters must run A, B, C... in order."""
+    if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+        raise ctx.fail(name, "a list of at least 2 strings", options)
+    if not prefixed:
+        return [o.strip() for o in options]
+    out = []
+    for i, option in enumerate(options):
+        m = _LETTER_PREFIX.match(option)
+        if m is None or m.group(1) != chr(ord("A") + i):
+            raise ctx.fail(f"{name}[{i}]", f"an option starting with '{chr(ord('A') + i)}.'", option)
+        out.append(option[m.end():].strip())
+    return out
+
+
+def _qa(*, id: Any, question: str, options: list[str], answer: int | None, type: Any = None,
+        duration_bucket: Any = None, time_reference: Any = None) -> dict:
+    if isinstance(type, list):
+        type = ", ".join(str(t) for t in type)
+    return {"id": None if id is None else str(id), "question": question.strip(), "options": options,
+            "answer": answer, "type": None if type is None else str(type),
+            "duration_bucket": None if duration_bucket is None else str(duration_bucket),
+            "time_reference": None if time_reference in (None, "") else str(time_reference)}
+
+
+def _videomme_question(ctx: _Ctx, q: dict, prefix: str) -> dict:
+    options = strip_letters(ctx, q.get("options"), f"{prefix}options", prefixed=True)
+    return _qa(id=q.get("question_id"), question=ctx.get(q, "question", str), options=options,
+               answer=answer_index(ctx, q.get("answer"), options, f"{prefix}answer"),
+               type=q.get("task_type"), duration_bucket=q.get("duration"))
+
+
+def _parse_videomme(ctx: _Ctx, record: dict) -> list[VideoItem]:
+    video_id = ctx.get(record, "videoID", str)
+    if "questions" in record:
+        questions = ctx.get(record, "questions", list)
+        qa = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, dict):
+                raise ctx.fail(f"questions[{i}]", "an object", q)
+            qa.append(_videomme_question(ctx, {"duration": record.get("duration"), **q}, f"questions[{i}]."))
+    else:
+        qa = [_videomme_question(ctx, record, "")]
+    return [VideoItem(video=f"{video_id}.mp4", where=ctx.where, qa=qa)]
+
+
+def _parse_mlvu(ctx: _Ctx, record: dict) -> list[VideoItem]:
+    video = ctx.get(record, "video", str)
+    options = strip_letters(ctx, record.get("candidates"), "candidates", prefixed=False)
+    duration = ctx.get(record, "duration", (int, float), optional=True)
+    qa = _qa(id=record.get("question_id"), question=ctx.get(record, "question", str), options=options,
+             answer=answer_index(ctx, record.get("answer"), options, "answer"),
+             type=record.get("question_type"))
+    return [VideoItem(video=video, where=ctx.where, qa=[qa], duration=duration)]
+
+
+def _split_lvbench_question(ctx: _Ctx, text: str, name: str) -> tuple[str, list[str]]:
+    question_lines, options = [], []
+    for line in text.splitlines():
+        m = _LVBENCH_OPTION.match(line.strip())
+        if m:
+            if m.group(1) != chr(ord("A") + len(options)):
+                raise ctx.fail(name, f"option '({chr(ord('A') + len(options))})' next", line)
+            options.append(m.group(2).strip())
+        elif options:
+            raise ctx.fail(name, "options '(A) ...' as the last lines", line)
+        else:
+            question_lines.append(line)
+    if len(options) < 2:
+        raise ctx.fail(name, "a question followed by lines '(A) ...', '(B) ...'", text)
+    return "\n".join(question_lines).strip(), options
+
+
+def _parse_lvbench(ctx: _Ctx, record: dict) -> list[VideoItem]:
+    key = ctx.get(record, "key", str)
+    entries = ctx.get(record, "qa", list)
+    qa = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ctx.fail(f"qa[{i}]", "an object", entry)
+        question, options = _split_lvbench_question(ctx, ctx.get(entry, "question", str), f"qa[{i}].question")
+        qa.append(_qa(id=entry.get("uid"), question=question, options=options,
+                      answer=answer_index(ctx, entry.get("answer"), options, f"qa[{i}].answer"),
+                      type=entry.get("question_type"), time_reference=entry.get("time_reference")))
+    info = record.get("video_info") if isinstance(record.get("video_info"), dict) else {}
+    minutes = info.get("duration_minutes")
+    duration = float(minutes) * 60 if isinstance(minutes, (int, float)) else None
+    return [VideoItem(video=f"{key}.mp4", where=ctx.where, qa=qa, duration=duration)]
+
+
+PARSERS: dict[str, Callable[[_Ctx, dict], list[VideoItem]]] = {
+    "llava": _parse_llava, "videomme": _parse_videomme, "mlvu": _parse_mlvu, "lvbench": _parse_lvbench,
+}

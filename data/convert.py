@@ -1,0 +1,334 @@
+"""The conversion driver: per-video items -> features (decoded + encoded, or loaded) -> shards.
+
+Each rank takes a deterministic slice of the videos (sorted by key, every world_size-th one), skips
+the videos already in its complete shards, and writes the rest with its own ShardWriter. A video
+that fails (undecodable, missing, bad feature file) is recorded in `failures-rNNNNN.jsonl`
+({"file", "reason", ...}) and skipped; every rank ends with `summary-rNNNNN.json` and a printed
+summary line. The index is written by `merge` once all ranks are done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from data.annotations import VideoItem
+from data.extract import EncoderConfig
+from data.shards import ShardWriter, write_index
+from data.video import CorruptVideo, SamplingConfig, decode_video
+
+VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+FEATURE_EXTS = (".npy", ".safetensors", ".pt")
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    out_dir: str
+    videos_root: str | None = None
+    """Folder the annotations' video paths are relative to (features are extracted on the fly)."""
+    features_root: str | None = None
+    """Folder of per-video feature files <video path without extension>.{npy,safetensors,pt}."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    encoder: EncoderConfig | None = None
+    """Needed with videos_root."""
+    encoder_name: str = "unknown"
+    """Recorded as `encoder` for feature files (extracted elsewhere)."""
+    layer: int = -2
+    """Recorded as `layer` for feature files."""
+    prefix: str = "shard"
+    shard_samples: int = 1000
+    shard_bytes: int = 1 << 30
+    rank: int = 0
+    world_size: int = 1
+    decode_workers: int = 2
+    """Threads decoding videos / reading feature files ahead of the encoder."""
+    run_id: str | None = None
+    """Shared by the ranks of one launch (the SLURM job id): a merging rank 0 waits for summaries
+    carrying it, so summaries left by an earlier run are not mistaken for finished ranks."""
+
+    def __post_init__(self):
+        if (self.videos_root is None) == (self.features_root is None):
+            raise ValueError("convert: give exactly one of videos_root (extract) or features_root (feature files)")
+        if self.videos_root is not None and self.encoder is None:
+            raise ValueError("convert: videos_root needs an encoder (--encoder FOLDER)")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"convert: rank {self.rank} outside world size {self.world_size}")
+        if self.decode_workers < 1:
+            raise ValueError(f"convert: decode_workers must be >= 1, got {self.decode_workers}")
+
+
+@dataclass(kw_only=True)
+class Summary:
+    rank: int
+    world_size: int
+    run_id: str | None = None
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    """Videos already in complete shards of an earlier run."""
+    samples: int = 0
+    """Conversations + questions in the records written."""
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: ok {self.ok}, failed {self.failed}, "
+                f"skipped {self.skipped} (already done), samples {self.samples}, "
+                f"bytes {self.bytes} ({self.bytes / 1e6:.1f} MB), time {self.seconds:.1f} s")
+
+
+class ItemFailed(Exception):
+    """This video cannot be converted; the message is the reason written to the failures file."""
+
+    def __init__(self, file: str, reason: str):
+        super().__init__(reason)
+        self.file = file
+
+
+def make_key(video: str) -> str:
+    """A shard key for a video path: readable, webdataset-safe, unique (a hash of the full path)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(video)[0]).strip("_")[-60:] or "video"
+    return f"{stem}-{hashlib.sha1(video.encode('utf-8')).hexdigest()[:10]}"
+
+
+def group_items(items: list[VideoItem]) -> dict[str, VideoItem]:
+    """key -> one item per video: its conversations and questions from every file merged."""
+    grouped: dict[str, VideoItem] = {}
+    for item in items:
+        key = make_key(item.video)
+        if key in grouped:
+            grouped[key].merge(item)
+        else:
+            grouped[key] = VideoItem(video=item.video, where=item.where, conversations=list(item.conversations),
+                                     qa=list(item.qa), duration=item.duration)
+    return grouped
+
+
+def rank_slice(keys: list[str], rank: int, world_size: int) -> list[str]:
+    return sorted(keys)[rank::world_size]
+
+
+def resolve(root: Path, video: str, exts: tuple[str, ...]) -> Path | None:
+    """The file for `video` under root: as named, or with its extension replaced by one of exts."""
+    named = root / video
+    if named.suffix.lower() in exts and named.is_file():
+        return named
+    stem = named.with_suffix("") if named.suffix.lower() in VIDEO_EXTS + FEATURE_EXTS else named
+    for ext in exts:
+        candidate = stem.with_name(stem.name + ext)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(features [F, P, D], timestamps [F] or None) from .npy, .safetensors or .pt, without pickle.
+
+    .safetensors / .pt hold either one tensor or a dict with "features" (and optional "timestamps").
+    """
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+    else:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = {"features": obj} if isinstance(obj, torch.Tensor) else obj
+        if not isinstance(tensors, dict):
+            raise ValueError(f"expected a tensor or a dict of tensors, got {type(obj).__name__}")
+        tensors = {k: v.float().numpy() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    if "features" not in tensors:
+        if len(tensors) != 1:
+            raise ValueError(f"expected one tensor or a 'features' entry, got keys {sorted(tensors)}")
+        tensors = {"features": next(iter(tensors.values()))}
+    ts = tensors.get("timestamps")
+    return np.asarray(tensors["features"]), None if ts is None else np.asarray(ts, dtype=np.float64)
+
+
+def check_features(features: np.ndarray, timestamps: np.ndarray | None) -> np.ndarray:
+    if not isinstance(features, np.ndarray) or features.ndim != 3 or features.dtype.kind != "f":
+        raise ValueError(f"expected a float [frames, patches, dim] array, got "
+                         f"{getattr(features, 'dtype', type(features).__name__)} {getattr(features, 'shape', '')}")
+    if 0 in features.shape:
+        raise ValueError(f"empty features of shape {features.shape}")
+    features = features.astype(np.float16)
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or inf (or overflow float16)")
+    if timestamps is not None and timestamps.shape != (features.shape[0],):
+        raise ValueError(f"timestamps of shape {timestamps.shape} for {features.shape[0]} frames")
+    return features
+
+
+class Converter:
+    """Turns one VideoItem into (features, meta); owns the vision encoder when extracting."""
+
+    def __init__(self, config: ConvertConfig):
+        self.config = config
+        self.encoder = None
+        if config.videos_root is not None:
+            from data.extract import FrameEncoder
+
+            self.encoder = FrameEncoder(config.encoder)
+
+    def prepare(self, item: VideoItem):
+        """Runs in a worker thread: decode the video or read the feature file."""
+        cfg = self.config
+        root = Path(cfg.videos_root or cfg.features_root)
+        exts = VIDEO_EXTS if cfg.videos_root is not None else FEATURE_EXTS
+        path = resolve(root, item.video, exts)
+        if path is None:
+            raise ItemFailed(str(root / item.video), f"missing {'video' if cfg.videos_root else 'feature file'}")
+        if cfg.videos_root is not None:
+            try:
+                return path, decode_video(path, cfg.sampling)
+            except CorruptVideo as err:
+                raise ItemFailed(str(path), f"undecodable video: {err}") from None
+        try:
+            features, timestamps = load_feature_file(path)
+            return path, (check_features(features, timestamps), timestamps)
+        except Exception as err:  # numpy / safetensors / torch each raise their own types
+            raise ItemFailed(str(path), f"bad feature file: {' '.join(str(err).split())[:300]}") from None
+
+    def finish(self, key: str, item: VideoItem, path: Path, prepared) -> tuple[np.ndarray, dict]:
+        """Runs in the main thread (the encoder is not shared between threads)."""
+        cfg = self.config
+        if cfg.videos_root is not None:
+            features = self.encoder(prepared.frames)
+            timestamps, duration = prepared.timestamps, prepared.duration
+            encoder, layer = self.encoder.name, cfg.encoder.layer
+            fps = min(cfg.sampling.fps, cfg.sampling.max_frames / duration) if duration > 0 else cfg.sampling.fps
+        else:
+            features, timestamps = prepared
+            fps = cfg.sampling.fps
+            if timestamps is None:
+                timestamps = np.arange(len(features)) / fps
+            duration = item.duration if item.duration is not None else float(timestamps[-1]) + 1 / fps
+            encoder, layer = cfg.encoder_name, cfg.layer
+        meta = {"key": key, "video_id": os.path.splitext(item.video)[0], "source": str(path),
+                "timestamps": [round(float(t), 6) for t in timestamps], "fps": float(fps),
+                "duration": float(duration), "encoder": encoder, "layer": layer,
+                "conversations": item.conversations, "qa": item.qa}
+        return features, meta
+
+
+def _prefetch(fn: Callable, work: list, workers: int) -> Iterator:
+    """fn(x) for each x in order, computed up to `2 * workers` items ahead in threads.
+
+    Yields (x, result, error) so one failure does not stop the stream.
+    """
+    def call(x):
+        try:
+            return fn(x), None
+        except ItemFailed as err:
+            return None, err
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending = []
+        for x in work:
+            pending.append((x, pool.submit(call, x)))
+            if len(pending) > 2 * workers:
+                x0, fut = pending.pop(0)
+                yield (x0, *fut.result())
+        for x0, fut in pending:
+            yield (x0, *fut.result())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summary_path(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"summary-r{rank:05d}.json"
+
+
+def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: bool = True,
+            failures: list[dict] | None = None) -> Summary:
+    """Convert this rank's share of `items` (key -> item) into shards; returns the summary.
+
+    `failures` may carry problems found before (skipped annotation records); they are counted and
+    written to this rank's failures file with the rest.
+    """
+    start = time.time()
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary_path(out_dir, config.rank).unlink(missing_ok=True)
+    failures = list(failures or [])
+    summary = Summary(rank=config.rank, world_size=config.world_size, run_id=config.run_id, failed=len(failures))
+    keys = rank_slice(list(items), config.rank, config.world_size)
+    with ShardWriter(out_dir, prefix=config.prefix, rank=config.rank,
+                     max_samples=config.shard_samples, max_bytes=config.shard_bytes) as writer:
+        todo = [k for k in keys if k not in writer.done_keys]
+        summary.skipped = len(keys) - len(todo)
+        converter = Converter(config) if todo else None
+        bar = tqdm(total=len(todo), desc=f"convert rank {config.rank}", unit="video", disable=not progress)
+        work = _prefetch(lambda k: converter.prepare(items[k]), todo, config.decode_workers) if todo else []
+        for key, prepared, error in work:
+            item = items[key]
+            if error is None:
+                try:
+                    features, meta = converter.finish(key, item, *prepared)
+                    writer.write(key, features, meta)
+                except ValueError as err:  # e.g. the encoder refusing a frame size
+                    error = ItemFailed(str(prepared[0]), " ".join(str(err).split())[:300])
+            if error is not None:
+                failures.append({"file": error.file, "reason": str(error), "key": key,
+                                 "video": item.video, "annotation": item.where})
+                summary.failed += 1
+            else:
+                summary.ok += 1
+                summary.samples += len(item.conversations) + len(item.qa)
+            bar.update(1)
+            bar.set_postfix(failed=summary.failed)
+        bar.close()
+    summary.bytes = writer.bytes_written
+    summary.seconds = round(time.time() - start, 3)
+    _write_atomic(out_dir / f"failures-r{config.rank:05d}.jsonl",
+                  "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
+    _write_atomic(summary_path(out_dir, config.rank), json.dumps(asdict(summary), indent=1))
+    return summary
+
+
+def merge(out_dir: str | Path, *, world_size: int | None = None, wait_s: float = 0.0,
+          run_id: str | None = None, since: float | None = None) -> dict:
+    """Write index.json once every rank has finished.
+
+    With world_size given, first waits up to `wait_s` for every rank's summary of this run: the
+    one carrying `run_id`, or without a run id, one written after `since`.
+    """
+    out_dir = Path(out_dir)
+    if world_size is not None:
+        deadline = time.time() + wait_s
+        while True:
+            missing = [r for r in range(world_size)
+                       if not _finished(summary_path(out_dir, r), run_id, since)]
+            if not missing:
+                break
+            if time.time() >= deadline:
+                raise RuntimeError(f"{out_dir}: ranks {missing[:8]} have not finished this run (no "
+                                   f"summary-rNNNNN.json); run `mambamia convert --merge-only {out_dir}` later")
+            time.sleep(min(2.0, max(0.05, deadline - time.time())))
+    return write_index(out_dir)
+
+
+def _finished(path: Path, run_id: str | None, since: float | None) -> bool:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if run_id is not None:
+        return summary.get("run_id") == run_id
+    return since is None or path.stat().st_mtime >= since

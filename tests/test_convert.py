@@ -1,0 +1,342 @@
+"""Annotation parsers on hand-written fixtures, and `mambamia convert/extract` end to end on real mp4s."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data.annotations import AnnotationError, parse_file
+from data.cli import convert_main, extract_main, slurm_rank
+from data.convert import make_key
+from data.synthetic import moving_square_frames, truncated_copy, write_video
+from data.video import SamplingConfig, decode_video
+
+VFR_TIMES = [0.0, 0.1, 0.45, 0.5, 1.2, 1.3, 2.0, 2.6]
+
+
+def _write(path, obj, jsonl=False):
+    text = "".join(json.dumps(o) + "\n" for o in obj) if jsonl else json.dumps(obj, indent=1)
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- annotation formats
+
+def test_llava_conversations(tmp_path):
+    path = _write(tmp_path / "llava.json", [
+        {"id": "1", "video": "a/x.mp4", "conversations": [
+            {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "A circle moves."}]},
+        {"id": "2", "video": "a/x.mp4", "conversations": [
+            {"from": "user", "value": "Colour?"}, {"from": "assistant", "value": "Red."},
+            {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Blue."}]},
+    ])
+    items = parse_file(path)
+    assert [i.video for i in items] == ["a/x.mp4", "a/x.mp4"]
+    assert items[0].conversations == [[{"from": "human", "value": "<video>\nWhat happens?"},
+                                       {"from": "gpt", "value": "A circle moves."}]]
+    assert items[1].conversations[0][0] == {"from": "human", "value": "<video>\nColour?"}
+    assert [t["from"] for t in items[1].conversations[0]] == ["human", "gpt", "human", "gpt"]
+
+
+def test_videomme_flat_and_nested(tmp_path):
+    row = {"video_id": "001", "duration": "short", "domain": "Knowledge", "videoID": "fFjv93ACGo8",
+           "question_id": "001-1", "task_type": "Counting Problem", "question": "How many?",
+           "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "C"}
+    flat = parse_file(_write(tmp_path / "vm.jsonl", [row], jsonl=True), "videomme")
+    nested = parse_file(_write(tmp_path / "vm2.json", [{
+        "video_id": "001", "duration": "short", "videoID": "fFjv93ACGo8",
+        "questions": [{k: row[k] for k in ("question_id", "task_type", "question", "options", "answer")},
+                      {"question_id": "001-2", "task_type": "OCR", "question": "Text?",
+                       "options": ["A. x", "B. y", "C. z", "D. w"], "answer": "A"}]}]))
+    want = {"id": "001-1", "question": "How many?", "options": ["One.", "Two.", "Three.", "Four."],
+            "answer": 2, "type": "Counting Problem", "duration_bucket": "short", "time_reference": None}
+    assert flat[0].video == nested[0].video == "fFjv93ACGo8.mp4"
+    assert flat[0].qa == [want]
+    assert nested[0].qa[0] == want and nested[0].qa[1]["answer"] == 0
+
+
+def test_mlvu_and_lvbench(tmp_path):
+    mlvu = parse_file(_write(tmp_path / "1_plotQA.json", [
+        {"video": "movie101_66.mp4", "duration": 246.0, "question": "What does he hold?",
+         "candidates": ["a cup", "a book", "a phone", "a pen"], "answer": "a phone", "question_type": "plotQA"}]))
+    assert mlvu[0].video == "movie101_66.mp4" and mlvu[0].duration == 246.0
+    assert mlvu[0].qa[0]["options"] == ["a cup", "a book", "a phone", "a pen"]
+    assert mlvu[0].qa[0]["answer"] == 2 and mlvu[0].qa[0]["type"] == "plotQA"
+
+    lv = parse_file(_write(tmp_path / "video_info.meta.jsonl", [
+        {"key": "hPdo", "type": "cartoon", "video_info": {"duration_minutes": 61.5},
+         "qa": [{"uid": "7", "question": "Who enters first?\n(A) a cat\n(B) a dog\n(C) a bird\n(D) nobody",
+                 "answer": "D", "question_type": ["entity recognition", "key information retrieval"],
+                 "time_reference": "00:15-00:19"}]}], jsonl=True))
+    assert lv[0].video == "hPdo.mp4" and lv[0].duration == pytest.approx(3690.0)
+    assert lv[0].qa == [{"id": "7", "question": "Who enters first?", "options": ["a cat", "a dog", "a bird", "nobody"],
+                         "answer": 3, "type": "entity recognition, key information retrieval",
+                         "duration_bucket": None, "time_reference": "00:15-00:19"}]
+
+
+@pytest.mark.parametrize("records, jsonl, fmt, pattern", [
+    ([{"video": "x.mp4", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 3}]}],
+     True, "auto", r"bad\.jsonl:line 1: field 'conversations\[1\]\.value': expected a string, got 3"),
+    ([{"video": "x.mp4", "conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}],
+     False, "auto", r"bad\.jsonl:record 0: field 'conversations\[1\]\.from'"),
+    ([{"video": "x.mp4", "conversations": [{"from": "human", "value": "<video><image>"}, {"from": "gpt", "value": "b"}]}],
+     True, "auto", r"line 1: field 'conversations\[0\]\.value': expected one <video>/<image> placeholder"),
+    ([{"videoID": "v", "question": "q", "options": ["A. x", "C. y"], "answer": "A"}],
+     True, "videomme", r"line 1: field 'options\[1\]': expected an option starting with 'B\.'"),
+    ([{"videoID": "v", "question": "q", "options": ["A. x", "B. y"], "answer": "E"}],
+     True, "videomme", r"line 1: field 'answer': expected a letter A-B"),
+    ([{"video": "v.mp4", "question": "q", "candidates": ["x", "y"], "answer": "z"}],
+     True, "mlvu", r"line 1: field 'answer'"),
+    ([{"key": "k", "qa": [{"question": "q\n(A) x\n(C) y", "answer": "A"}]}],
+     True, "lvbench", r"line 1: field 'qa\[0\]\.question': expected option '\(B\)' next"),
+    ([{"conversations": []}], True, "llava", r"line 1: field 'video': expected a str, got nothing"),
+])
+def test_malformed_items_give_one_line_errors(tmp_path, records, jsonl, fmt, pattern):
+    path = _write(tmp_path / "bad.jsonl", records, jsonl=jsonl)
+    with pytest.raises(AnnotationError, match=pattern) as info:
+        parse_file(path, fmt)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_bad_json_line(tmp_path):
+    good = {"video": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "b.jsonl").write_text(json.dumps(good) + "\n\n{oops\n")
+    with pytest.raises(AnnotationError, match=r"b\.jsonl:line 3: not valid JSON"):
+        parse_file(tmp_path / "b.jsonl", "llava")
+
+
+# ---------------------------------------------------------------- end to end on real videos
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    videos = root / "videos"
+    (videos / "sub").mkdir(parents=True)
+    frames = {}
+    for i in range(3):
+        frames[f"sub/c{i}.mp4"] = moving_square_frames(10 + 2 * i, 32, 32, seed=i)
+        write_video(videos / f"sub/c{i}.mp4", frames[f"sub/c{i}.mp4"], 4)
+    frames["vfr.mp4"] = moving_square_frames(len(VFR_TIMES), 48, 64, seed=9)
+    write_video(videos / "vfr.mp4", frames["vfr.mp4"], 4, timestamps=VFR_TIMES)
+    long_frames = moving_square_frames(80, 32, 32, seed=7)
+    write_video(videos / "long.mp4", long_frames, 8)
+    truncated_copy(videos / "long.mp4", videos / "broken.mp4", keep=0.5)
+    (videos / "long.mp4").unlink()
+    conv = lambda q, a: [{"from": "human", "value": f"<video>\n{q}"}, {"from": "gpt", "value": a}]
+    llava = _write(root / "llava.json", [
+        {"video": "sub/c0.mp4", "conversations": conv("What moves?", "A square.")},
+        {"video": "sub/c0.mp4", "conversations": conv("Colour?", "Red.")},
+        {"video": "sub/c1.mp4", "conversations": conv("Describe.", "A square moving.")},
+        {"video": "sub/c2.mp4", "conversations": conv("Describe.", "A square.")},
+        {"video": "broken.mp4", "conversations": conv("Describe.", "Nothing.")},
+        {"video": "absent.mp4", "conversations": conv("Describe.", "Nothing.")},
+    ])
+    mlvu = _write(root / "mlvu.json", [
+        {"video": "vfr.mp4", "duration": 2.85, "question": "Which shape?", "candidates": ["square", "circle"],
+         "answer": "square", "question_type": "plotQA"},
+        {"video": "sub/c0.mp4", "duration": 2.5, "question": "How many squares?", "candidates": ["1", "2"],
+         "answer": "1", "question_type": "count"},
+    ])
+    return {"root": root, "videos": videos, "llava": llava, "mlvu": mlvu, "frames": frames}
+
+
+def _records(out_dir):
+    """{key: (features, meta)} read with tarfile from every shard listed in index.json."""
+    index = json.loads((out_dir / "index.json").read_text())
+    records = {}
+    for entry in index["shards"]:
+        with tarfile.open(out_dir / entry["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, raw in members.items():
+            if name.endswith(".json"):
+                key = name[: -len(".json")]
+                feats = np.load(io.BytesIO(members[f"{key}.features.npy"]), allow_pickle=False)
+                records[key] = (feats, json.loads(raw))
+    return index, records
+
+
+def _check_index(out_dir, index):
+    for entry in index["shards"]:
+        raw = (out_dir / entry["name"]).read_bytes()
+        assert entry["bytes"] == len(raw) and entry["sha256"] == hashlib.sha256(raw).hexdigest()
+        with tarfile.open(out_dir / entry["name"]) as tar:
+            assert entry["samples"] == len({m.name.split(".")[0] for m in tar.getmembers()})
+    assert index["total_samples"] == sum(e["samples"] for e in index["shards"])
+
+
+def test_convert_videos_end_to_end(dataset, tiny_assets, capsys):
+    out = dataset["root"] / "out"
+    argv = ["--annotations", str(dataset["llava"]), str(dataset["mlvu"]), "--videos", str(dataset["videos"]),
+            "--encoder", str(tiny_assets["vision"]), "--fps", "2", "--max-frames", "4",
+            "--shard-samples", "2", "--out", str(out), "--merge", "--no-progress"]
+    assert convert_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ok 4, failed 2" in printed and "samples 6" in printed
+
+    failures = [json.loads(line) for line in (out / "failures-r00000.jsonl").read_text().splitlines()]
+    reasons = {f["video"]: f["reason"] for f in failures}
+    assert reasons.keys() == {"broken.mp4", "absent.mp4"}
+    assert reasons["absent.mp4"].startswith("missing video")
+    assert reasons["broken.mp4"].startswith("undecodable video")
+    assert all(f["file"].endswith(f["video"]) for f in failures)
+
+    index, records = _records(out)
+    _check_index(out, index)
+    assert [e["samples"] for e in index["shards"]] == [2, 2]
+    by_video = {meta["video_id"]: (feats, meta) for feats, meta in records.values()}
+    assert set(by_video) == {"sub/c0", "sub/c1", "sub/c2", "vfr"}
+    for key, (feats, meta) in records.items():
+        assert key == meta["key"] == make_key(meta["video_id"] + ".mp4")
+        assert feats.dtype == np.float16 and feats.shape == (len(meta["timestamps"]), 16, 32)
+        assert meta["encoder"] == tiny_assets["vision"].name and meta["layer"] == -2
+
+    # c0: 2.5 s at 2 fps -> ceil(5) = 5 > 4 frames: 4 uniform targets on the 4 fps grid
+    c0 = by_video["sub/c0"][1]
+    grid = np.arange(10) / 4
+    want = grid[np.unique([np.argmin(np.abs(grid - t)) for t in np.linspace(0, 2.5, 4, endpoint=False)])]
+    np.testing.assert_allclose(c0["timestamps"], want, atol=1e-3)
+    assert c0["duration"] == pytest.approx(2.5, abs=1e-3)
+    assert [c[0]["value"] for c in c0["conversations"]] == ["<video>\nWhat moves?", "<video>\nColour?"]
+    assert c0["qa"][0]["answer"] == 0 and c0["qa"][0]["options"] == ["1", "2"]
+
+    # VFR: timestamps are written frames nearest to the targets over the real duration
+    vfr_feats, vfr = by_video["vfr"]
+    duration = VFR_TIMES[-1] + 0.25
+    targets = np.linspace(0, duration, 4, endpoint=False)  # ceil(2.85 x 2) = 6 > 4
+    want = np.array(VFR_TIMES)[np.unique([np.argmin(np.abs(np.array(VFR_TIMES) - t)) for t in targets])]
+    np.testing.assert_allclose(vfr["timestamps"], want, atol=1e-3)
+
+    # independent oracle: decode again, transformers' processor + model, hidden state -2
+    from transformers import AutoImageProcessor, AutoModel
+
+    frames = decode_video(dataset["videos"] / "vfr.mp4", SamplingConfig(fps=2, max_frames=4, backend="pyav")).frames
+    pixels = AutoImageProcessor.from_pretrained(tiny_assets["vision"])(images=list(frames), return_tensors="pt")
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(tiny_assets["vision"])(
+            pixel_values=pixels["pixel_values"], output_hidden_states=True).hidden_states[-2].numpy()
+    np.testing.assert_allclose(vfr_feats.astype(np.float32), ref, atol=0.02, rtol=0.01)
+
+    # stock webdataset reads the converted shards
+    import webdataset as wds
+
+    urls = [str(out / e["name"]) for e in index["shards"]]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None)]
+    assert sorted(keys) == sorted(records)
+
+
+def test_rerun_after_kill_skips_complete_shards(dataset, tiny_assets, capsys):
+    out = dataset["root"] / "rerun"
+    argv = ["--annotations", str(dataset["llava"]), "--videos", str(dataset["videos"]),
+            "--encoder", str(tiny_assets["vision"]), "--fps", "1", "--max-frames", "2",
+            "--shard-samples", "1", "--out", str(out), "--no-progress"]
+    assert convert_main(argv) == 0
+    shards = sorted(out.glob("*.tar"))
+    assert len(shards) == 3
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
+    # The state a SIGKILL leaves: the last shard never renamed, its temporary file half written.
+    last = shards[-1]
+    last.rename(last.with_name(last.name + ".partial"))
+    with open(last.with_name(last.name + ".partial"), "r+b") as f:
+        f.truncate(700)
+    capsys.readouterr()
+    assert convert_main(argv + ["--merge"]) == 0
+    assert "ok 1, failed 2, skipped 2 (already done)" in capsys.readouterr().out
+    assert not list(out.glob("*.partial"))
+    for p in shards[:-1]:  # complete shards untouched
+        assert (p.stat().st_mtime_ns, p.read_bytes()) == before[p.name]
+    assert last.read_bytes() == before[last.name][1]  # rewritten identically
+    index, records = _records(out)
+    _check_index(out, index)
+    assert len(records) == 3
+
+
+def test_feature_files_ranks_and_merge(tmp_path, capsys):
+    feats_dir = tmp_path / "feats"
+    feats_dir.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {v: rng.standard_normal((3 + i, 4, 8)).astype(np.float32) for i, v in enumerate("abcde")}
+    np.save(feats_dir / "a.npy", arrays["a"])
+    from safetensors.numpy import save_file
+
+    save_file({"features": arrays["b"], "timestamps": np.array([0.0, 2.0, 4.5, 7.0])}, str(feats_dir / "b.safetensors"))
+    torch.save(torch.from_numpy(arrays["c"]), feats_dir / "c.pt")
+    torch.save({"features": torch.from_numpy(arrays["d"])}, feats_dir / "d.pt")
+    np.save(feats_dir / "e.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)  # needs pickle
+    np.save(feats_dir / "f.npy", np.zeros((4, 8), np.float32))  # wrong rank
+    rows = [{"videoID": v, "question": f"Q {v}?", "options": ["A. yes", "B. no"], "answer": "B",
+             "duration": "short", "task_type": "t"} for v in "abcdefg"]
+    ann = _write(tmp_path / "vm.jsonl", rows, jsonl=True)
+    out = tmp_path / "out"
+    base = ["--annotations", str(ann), "--features", str(feats_dir), "--fps", "0.5", "--out", str(out),
+            "--encoder-name", "siglip-test", "--no-progress", "--world-size", "2"]
+    assert convert_main(base + ["--rank", "1", "--run-id", "old"]) == 0
+    # rank 1's summary belongs to another run: rank 0 does not take it for this run's
+    assert convert_main(base + ["--rank", "0", "--merge", "--merge-wait", "0.2", "--run-id", "new"]) == 2
+    assert "ranks [1] have not finished" in capsys.readouterr().err
+    assert convert_main(base + ["--rank", "1", "--run-id", "new"]) == 0
+    assert convert_main(base + ["--rank", "0", "--merge", "--merge-wait", "5", "--run-id", "new"]) == 0
+    index, records = _records(out)
+    _check_index(out, index)
+    assert {n["name"].split("-")[1] for n in index["shards"]} == {"r00000", "r00001"}
+    by_video = {meta["video_id"]: (f, meta) for f, meta in records.values()}
+    assert set(by_video) == {"a", "b", "c", "d"}
+    for v in "abcd":
+        f, meta = by_video[v]
+        np.testing.assert_array_equal(f, arrays[v].astype(np.float16))
+        assert meta["encoder"] == "siglip-test" and meta["qa"][0]["answer"] == 1
+    assert by_video["b"][1]["timestamps"] == [0.0, 2.0, 4.5, 7.0]
+    assert by_video["a"][1]["timestamps"] == [0.0, 2.0, 4.0]  # no timestamps stored: frame i at i / fps
+    failures = [json.loads(line) for r in (0, 1)
+                for line in (out / f"failures-r{r:05d}.jsonl").read_text().splitlines()]
+    reasons = {f["video"]: f["reason"] for f in failures}
+    assert reasons.keys() == {"e.mp4", "f.mp4", "g.mp4"}
+    assert reasons["e.mp4"].startswith("bad feature file") and "pickle" in reasons["e.mp4"].lower()
+    assert reasons["f.mp4"].startswith("bad feature file: expected a float [frames, patches, dim]")
+    assert reasons["g.mp4"].startswith("missing feature file")
+
+    # merge-only recomputes the same index; nothing convertible at all -> exit code 1
+    (out / "index.json").unlink()
+    assert convert_main(["--merge-only", str(out)]) == 0
+    assert json.loads((out / "index.json").read_text()) == index
+    ann2 = _write(tmp_path / "none.jsonl", rows[5:], jsonl=True)
+    assert convert_main(["--annotations", str(ann2), "--features", str(feats_dir), "--out",
+                         str(tmp_path / "out2"), "--no-progress"]) == 1
+
+
+def test_cli_errors_and_help(tmp_path, capsys, monkeypatch):
+    bad = _write(tmp_path / "bad.json", [{"video": 3, "conversations": []}])
+    assert convert_main(["--annotations", str(bad), "--features", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "bad.json:record 0: field 'video'" in err
+    assert convert_main(["--annotations", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert convert_main(["--merge-only", str(tmp_path / "empty")]) == 2
+    for main in (convert_main, extract_main):
+        with pytest.raises(SystemExit) as info:
+            main(["--help"])
+        assert info.value.code == 0
+        assert "examples:" in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert slurm_rank() == (1, 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    assert slurm_rank() == (2 * 2 + 1, 6)
+
+
+def test_extract_command(dataset, tiny_assets, capsys):
+    out = dataset["root"] / "extracted"
+    assert extract_main([str(dataset["videos"]), "--encoder", str(tiny_assets["vision"]), "--fps", "1",
+                         "--max-frames", "3", "--pool", "2", "--out", str(out), "--merge", "--no-progress"]) == 0
+    assert "ok 4, failed 1" in capsys.readouterr().out
+    index, records = _records(out)
+    _check_index(out, index)
+    assert sorted(m["video_id"] for _, m in records.values()) == ["sub/c0", "sub/c1", "sub/c2", "vfr"]
+    for feats, meta in records.values():
+        assert feats.shape == (len(meta["timestamps"]), 4, 32)  # 4x4 patches pooled 2x2
+        assert meta["conversations"] == [] and meta["qa"] == []
