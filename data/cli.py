@@ -13,7 +13,6 @@ from pathlib import Path
 
 from data.annotations import FORMATS, AnnotationError, VideoItem, parse_file
 from data.convert import VIDEO_EXTS, ConvertConfig, convert, group_items, make_key, merge
-from data.extract import EncoderConfig
 from data.video import BACKENDS, SamplingConfig
 
 CONVERT_EXAMPLES = """\
@@ -100,11 +99,16 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
     rank, world = _rank(args)
     run_id = args.run_id or os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     started = time.time()
+    encoder = None
+    if args.encoder:
+        from data.extract import EncoderConfig  # imports torch, which feature files do not need
+
+        encoder = EncoderConfig(path=args.encoder, layer=args.layer, pool=args.pool,
+                                batch_size=args.batch_size, device=args.device)
     config = ConvertConfig(
         out_dir=args.out, videos_root=videos_root, features_root=features_root,
         sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames, backend=args.backend),
-        encoder=EncoderConfig(path=args.encoder, layer=args.layer, pool=args.pool,
-                              batch_size=args.batch_size, device=args.device) if args.encoder else None,
+        encoder=encoder,
         encoder_name=getattr(args, "encoder_name", None) or (Path(args.encoder).name if args.encoder else "unknown"),
         layer=args.layer, prefix=args.prefix, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
         rank=rank, world_size=world, decode_workers=args.decode_workers, run_id=run_id)

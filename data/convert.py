@@ -16,15 +16,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from data.annotations import VideoItem
-from data.extract import EncoderConfig
 from data.shards import ShardWriter, write_index
 from data.video import CorruptVideo, SamplingConfig, decode_video
+
+if TYPE_CHECKING:  # torch is imported only when a vision encoder is actually used
+    from data.extract import EncoderConfig
 
 VIDEO_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 FEATURE_EXTS = (".npy", ".safetensors", ".pt")
@@ -120,14 +122,19 @@ def rank_slice(keys: list[str], rank: int, world_size: int) -> list[str]:
 def resolve(root: Path, video: str, exts: tuple[str, ...]) -> Path | None:
     """The file for `video` under root: as named, or with its extension replaced by one of exts."""
     named = root / video
-    if named.suffix.lower() in exts and named.is_file():
+    if named.suffix.lower() in exts and _readable(named):
         return named
     stem = named.with_suffix("") if named.suffix.lower() in VIDEO_EXTS + FEATURE_EXTS else named
     for ext in exts:
         candidate = stem.with_name(stem.name + ext)
-        if candidate.is_file():
+        if _readable(candidate):
             return candidate
     return None
+
+
+def _readable(path: Path) -> bool:
+    # Not is_file(): a named pipe or device streaming a video is a valid input.
+    return path.exists() and not path.is_dir()
 
 
 def load_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -340,3 +340,50 @@ def test_extract_command(dataset, tiny_assets, capsys):
     for feats, meta in records.values():
         assert feats.shape == (len(meta["timestamps"]), 4, 32)  # 4x4 patches pooled 2x2
         assert meta["conversations"] == [] and meta["qa"] == []
+
+
+def test_sigkill_mid_run_then_rerun(tmp_path):
+    """A real `mambamia convert` process killed with SIGKILL while a shard is open, then rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    arrays = {v: np.full((2, 3, 4), i, np.float16) for i, v in enumerate("abcde")}
+    for v in "abce":
+        np.save(feats / f"{v}.npy", arrays[v])
+    # Reading d blocks on a FIFO until the test writes to it: the process is stuck mid-run with
+    # shard 0 (a, b) complete and shard 1 (c) open, the state we kill it in.
+    os.mkfifo(feats / "d.npy")
+    ann = _write(tmp_path / "mlvu.json", [{"video": f"{v}.mp4", "question": "q", "candidates": ["x", "y"],
+                                           "answer": "x"} for v in "abcde"])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trainer.cli", "convert", "--annotations", str(ann), "--features", str(feats),
+           "--out", str(out), "--shard-samples", "2", "--decode-workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not ((out / "shard-r00000-000000.tar").exists() and (out / "shard-r00000-000001.tar.partial").exists()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "index.json").exists()
+    first = (out / "shard-r00000-000000.tar").stat().st_mtime_ns
+    (feats / "d.npy").unlink()
+    np.save(feats / "d.npy", arrays["d"])
+
+    assert convert_main(["--annotations", str(ann), "--features", str(feats), "--out", str(out),
+                         "--shard-samples", "2", "--merge", "--no-progress"]) == 0
+    assert (out / "shard-r00000-000000.tar").stat().st_mtime_ns == first
+    assert not list(out.glob("*.partial"))
+    index, records = _records(out)
+    _check_index(out, index)
+    assert [e["samples"] for e in index["shards"]] == [2, 2, 1]
+    got = {m["video_id"]: f for f, m in records.values()}
+    assert got.keys() == set("abcde")
+    for v, f in got.items():
+        np.testing.assert_array_equal(f, arrays[v])
