@@ -1,0 +1,259 @@
+"""The training loop under DeepSpeed ZeRO-1, -2 and -3 on 2 CPU processes (gloo).
+
+One torchrun launch per ZeRO stage runs the tiny stage-1 config (compressor + projector train, LLM
+frozen) and, in the ZeRO-1 launch, a second run whose loss turns NaN. The ranks write what they
+observed to a JSON file; the pytest side asserts on it, on metrics.jsonl and on the TensorBoard
+events read back with EventAccumulator.
+
+Run as a torchrun worker: `python -m torch.distributed.run --nproc_per_node 2 -m tests.test_train SPEC`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_STAGE1 = str(REPO_ROOT / "configs" / "tiny" / "stage1.yaml")
+FRAMES, PATCHES, DIM = 8, 16, 32  # trainer.tiny's SigLIP: 32x32 frames, 8x8 patches, width 32
+COLOURS = ["red", "green", "blue", "yellow"]
+STEPS = 10
+
+
+def make_tiny_root(root: Path, llm_dir: Path, *, train: int = 16, val: int = 4) -> Path:
+    """MAMBAMIA_TINY layout: llm/ and shards/{train,val}/ with a caption learnable from features."""
+    from data.shards import ShardWriter, write_index
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "llm").symlink_to(llm_dir, target_is_directory=True)
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        out = root / "shards" / split
+        with ShardWriter(out, max_samples=8) as writer:
+            for i in range(count):
+                colour = i % len(COLOURS)
+                feats = rng.normal(0, 0.5, (FRAMES, PATCHES, DIM)).astype(np.float32)
+                feats[:, :, colour] += 2.0  # the colour is visible in the features
+                key = f"{split}_{i:03d}"
+                meta = {"key": key, "video_id": key, "source": "synthetic",
+                        "timestamps": [float(t) for t in range(FRAMES)], "fps": 1.0,
+                        "duration": float(FRAMES), "encoder": "tiny-siglip", "layer": -2,
+                        "conversations": [[
+                            {"from": "human", "value": "<video>\nWhat colour is the shape?"},
+                            {"from": "gpt", "value": f"The shape is {COLOURS[colour]}."}]],
+                        "qa": []}
+                writer.write(key, feats.astype(np.float16), meta)
+        write_index(out)
+    return root
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side (inside torchrun)
+
+
+def _worker(spec_path: str) -> int:
+    import torch
+    import torch.distributed as dist
+
+    import trainer.train as train
+    from model.video_llm import VideoLLM
+
+    spec = json.loads(Path(spec_path).read_text())
+    captured: dict = {}
+    build_model, build_engine = train.build_model, train.build_engine
+
+    def capture_model(cfg):
+        model = build_model(cfg)
+        captured["initial"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model
+
+    def capture_engine(model, cfg, **kw):
+        captured["engine"], opt, sched = build_engine(model, cfg, **kw)
+        return captured["engine"], opt, sched
+
+    train.build_model, train.build_engine = capture_model, capture_engine
+    report: dict = {}
+    # Several runs in one process: a torchrun launch costs more than a tiny run.
+    for run in spec["runs"]:
+        rc = train.main([TINY_STAGE1, *run["overrides"]])
+        report[run["name"]] = {"rc": rc, **_inspect(captured, torch, dist)}
+
+    nan = spec["nan_run"]
+    forward, calls = VideoLLM.forward, {"n": 0}
+
+    def nan_after(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if self.training and calls["n"] > nan["after_calls"]:
+            out.loss = out.loss * float("nan")
+        return out
+
+    VideoLLM.forward = nan_after
+    report["nan"] = {"rc": train.main([TINY_STAGE1, *nan["overrides"]])}
+    params = list(captured["engine"].module.parameters())
+    report["nan"]["params_finite"] = _gathered(params, lambda ps: all(bool(torch.isfinite(p).all()) for p in ps))
+    if dist.get_rank() == 0:
+        Path(spec["report"]).write_text(json.dumps(report))
+    dist.barrier()
+    return 0
+
+
+def _gathered(params, fn):
+    """fn over full parameter values (ZeRO-3 keeps only a shard of each on every rank)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return fn(params)
+
+
+def _inspect(captured, torch, dist) -> dict:
+    engine, initial = captured["engine"], captured["initial"]
+    names = dict(engine.module.named_parameters())
+    groups = {g: [n for n, _ in params] for g, params in engine.module.module_groups().items()}
+
+    def compare(ps):
+        same = {}
+        for g, ns in groups.items():
+            same[g] = [bool(torch.equal(names[n].detach().cpu(), initial[n].cpu())) for n in ns]
+        return same
+
+    same = _gathered(list(names.values()), compare)
+    # Optimizer state: AdamW's exp_avg over this rank's partitions, summed over ranks.
+    base = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    state = torch.tensor([float(sum(s["exp_avg"].numel() for s in base.state.values() if "exp_avg" in s))])
+    dist.all_reduce(state)
+
+    def numel(group):
+        return sum(getattr(names[n], "ds_numel", names[n].numel()) for n in groups[group])
+
+    return {"llm_all_identical": all(same["llm"]),
+            "compressor_any_changed": not all(same["compressor"]),
+            "projector_any_changed": not all(same["projector"]),
+            "trainable_requires_grad": all(names[n].requires_grad for g in ("compressor", "projector") for n in groups[g]),
+            "llm_requires_grad": any(names[n].requires_grad for n in groups["llm"]),
+            "optimizer_state_numel": state.item(),
+            "numel": {g: numel(g) for g in groups}}
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
+
+
+# ------------------------------------------------------------------------------------------------
+# pytest side
+
+import pytest  # noqa: E402  (the worker above must not need pytest's import-time plugins)
+
+
+ZERO_STAGES = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_assets, tmp_path_factory):
+    """One 2-process launch: the tiny stage-1 run under ZeRO-1, -2 and -3, then the NaN run."""
+    from tests.utils.dist import run_torchrun
+
+    tmp = tmp_path_factory.mktemp("train")
+    root = make_tiny_root(tmp / "tiny", Path(tiny_assets["llm"]))
+    common = [f"schedule.total_steps={STEPS}", "checkpoint.every_steps=0",
+              "optimizer.lr=1e-2", "optimizer.group_lr.projector=1e-2"]
+    spec = {"report": str(tmp / "report.json"),
+            "runs": [{"name": f"zero{z}", "overrides": [f"run_dir={tmp / f'zero{z}'}",
+                                                        f"parallel.zero_stage={z}", *common]}
+                     for z in ZERO_STAGES],
+            # 2 ranks x batch 2 = the global batch of 4: one forward per rank per step, so the
+            # loss is NaN from step 3 on; a limit of 1 skips step 3 and stops at step 4.
+            "nan_run": {"after_calls": 2, "overrides": [
+                f"run_dir={tmp / 'nan'}", "parallel.zero_stage=2", "schedule.total_steps=8",
+                "checkpoint.every_steps=0", "max_nonfinite_steps=1"]}}
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    result = run_torchrun("tests.test_train", [str(tmp / "spec.json")], nproc=2,
+                          env={"MAMBAMIA_TINY": str(root)}, timeout=420)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return {"report": json.loads((tmp / "report.json").read_text()), "stderr": result.stderr, "tmp": tmp}
+
+
+def _expected_lr(step: int, base: float, total: int, warmup_ratio: float) -> float:
+    warm = math.ceil(warmup_ratio * total)
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ZERO_STAGES)
+def test_stage1_trains_compressor_and_projector_only(launched, zero):
+    report, run_dir = launched["report"][f"zero{zero}"], launched["tmp"] / f"zero{zero}"
+    assert report["rc"] == 0
+    # Stage 1: the LLM is bit-identical after training, compressor and projector moved.
+    assert report["llm_all_identical"] and not report["llm_requires_grad"]
+    assert report["compressor_any_changed"] and report["projector_any_changed"]
+    assert report["trainable_requires_grad"]
+    numel = report["numel"]
+    trainable = numel["compressor"] + numel["projector"]
+    # Frozen parameters have no optimizer state: exp_avg covers the trainable ones (plus ZeRO's
+    # alignment padding), nowhere near the LLM's size.
+    assert trainable <= report["optimizer_state_numel"] < trainable + numel["llm"] // 2
+    losses = [r["loss"] for r in _rows(run_dir) if "loss" in r]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    # The frozen random LLM caps what stage 1 can learn (the visual prefix is all that moves):
+    # from ln(vocab) ~ 5.95 at init the loss settles near 5.8 within a few steps.
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == str(STEPS)
+
+
+@pytest.mark.slow
+def test_tensorboard_tags_hold_sensible_values(launched):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = launched["tmp"] / "zero2"
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {"loss", "grad_norm", "lr/compressor", "lr/projector", "throughput/tokens_per_s",
+            "throughput/samples_per_s", "visual_tokens_per_sample", "time/step_s",
+            "time/data_wait_frac", "bad_samples/total", "memory/max_rss_gb", "nonfinite_steps", "val/loss"}
+    assert want <= tags, want - tags
+    scalars = {t: {e.step: e.value for e in acc.Scalars(t)} for t in want}
+    assert sorted(scalars["loss"]) == list(range(1, STEPS + 1))
+    # TensorBoard holds the same numbers as metrics.jsonl (float32).
+    for r in _rows(run_dir):
+        if "loss" in r:
+            assert scalars["loss"][r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+    # Learning rate after `step` optimizer steps: warm-up then cosine, closed form.
+    for step, lr in scalars["lr/compressor"].items():
+        assert lr == pytest.approx(_expected_lr(step, 1e-2, STEPS, 0.125), rel=1e-5, abs=1e-9)
+    # 8 frames, the TAA keeps 4, each 16 patches / k=4 -> 4 tokens + 1 separator.
+    assert set(scalars["visual_tokens_per_sample"].values()) == {4 * (PATCHES // 4 + 1)}
+    for step, rate in scalars["throughput/samples_per_s"].items():
+        # a global batch of 4 samples per step, each with 20 visual tokens plus its text
+        assert rate * scalars["time/step_s"][step] == pytest.approx(4, rel=1e-4)
+        assert scalars["throughput/tokens_per_s"][step] > rate * 20
+    assert all(0 <= v <= 1 for v in scalars["time/data_wait_frac"].values())
+    assert all(v > 0 and math.isfinite(v) for v in scalars["grad_norm"].values())
+    assert set(scalars["bad_samples/total"].values()) == {0} and set(scalars["nonfinite_steps"].values()) == {0}
+    assert sorted(scalars["val/loss"]) == [4, 8, 10]
+    assert all(0 < v < 20 for v in scalars["val/loss"].values())
+    assert all(0 < v < 100 for v in scalars["memory/max_rss_gb"].values())
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_stop_the_run(launched):
+    # NaN loss from step 3 on: step 3 skipped and counted, step 4 passes the limit of 1 -> exit 1
+    # naming the step and the batch's keys, with parameters intact and nothing saved.
+    report, run_dir = launched["report"]["nan"], launched["tmp"] / "nan"
+    assert report["rc"] == 1 and report["params_finite"]
+    assert "step 4: non-finite loss nan" in launched["stderr"]
+    assert "sample keys ['train_" in launched["stderr"]
+    assert [r["nonfinite_steps"] for r in _rows(run_dir) if "loss" in r] == [0, 0, 1]
+    checkpoints = run_dir / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.glob("[0-9]*"))

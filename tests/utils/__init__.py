@@ -1,0 +1,1 @@
+"""Helpers shared by tests: launching multi-process runs (`dist.py`)."""

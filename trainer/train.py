@@ -1,0 +1,287 @@
+"""Train one stage of the curriculum on DeepSpeed.
+
+    mambamia train configs/tiny/stage1.yaml                       # one process (CPU or one GPU)
+    torchrun --nproc_per_node 8 -m trainer.cli train configs/stage2.yaml run_dir=/scratch/s2
+
+Order of `main`: config -> process group -> model -> loader -> engine -> resume -> loop, where one
+loop iteration is: accumulate gradients over `accum` micro-batches -> one optimizer step (skipped by
+DeepSpeed if the gradient norm is not finite) -> metrics -> maybe validation -> maybe checkpoint ->
+stop signal check. Starting in a run folder that has a checkpoint resumes it. Exit codes: 0 done,
+1 failed (bad config, too many non-finite steps), 85 checkpointed on SIGUSR1/SIGTERM (requeue).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trainer import signals
+from trainer.checkpoint import Checkpointer, gather_client_state, restore_rng
+from trainer.config import ConfigError, RunConfig, load_config, save_config, to_yaml
+from trainer.dist import DistInfo, init_distributed
+from trainer.engine import build_engine, resolve_precision
+from trainer.metrics import MetricsLogger, memory_gb, peak_flops, train_flops_per_token
+from trainer.rng import seed_everything
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mambamia train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="stage YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: optimizer.lr=1e-4 ...")
+    return parser.parse_args(argv)
+
+
+def build_model(cfg: RunConfig):
+    """A fresh VideoLLM, or one whose weights come from the previous stage's export (`init_from`).
+
+    With `init_from` the architecture still comes from this stage's `model` section (so a stage
+    can switch on recomputation or keep more frames) and the LLM is read from `init_from/llm`.
+    """
+    from safetensors.torch import load_file
+
+    from model.video_llm import SEPARATOR_KEY, VideoLLM
+
+    if cfg.init_from is None:
+        return VideoLLM.build(cfg.model)
+    folder = Path(cfg.init_from)
+    for name in ("llm", "compressor.safetensors", "projector.safetensors"):
+        if not (folder / name).exists():
+            raise ConfigError(f"init_from: {folder / name} is missing; expected a `mambamia export` folder")
+    model = VideoLLM.build(dataclasses.replace(cfg.model, llm_path=str(folder / "llm")))
+    model.compressor.load_state_dict(load_file(str(folder / "compressor.safetensors")))
+    projector = load_file(str(folder / "projector.safetensors"))
+    separator = projector.pop(SEPARATOR_KEY, None)
+    model.projector.load_state_dict(projector)
+    if (separator is None) != (model.frame_separator is None):
+        raise ConfigError(f"init_from: {folder} frame separator presence disagrees with model.frame_separator")
+    if separator is not None:
+        with torch.no_grad():
+            model.frame_separator.copy_(separator)
+    return model
+
+
+def endless(loader) -> Iterator[dict]:
+    """Batches across epoch boundaries; the loader advances its own epoch at the end of one."""
+    while True:
+        yield from loader
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The model's inputs on `device`; features in the engine's compute dtype."""
+    out = {k: batch[k].to(device, non_blocking=True)
+           for k in ("input_ids", "attention_mask", "labels", "frame_mask")}
+    out["features"] = batch["features"].to(device, dtype=dtype, non_blocking=True)
+    return out
+
+
+@dataclasses.dataclass(kw_only=True)
+class StepResult:
+    loss: float
+    """Mean over micro-batches and ranks."""
+    grad_norm: float
+    skipped: bool
+    """DeepSpeed found the gradient norm non-finite and did not update (nor advance the lr)."""
+    tokens: int
+    """LLM positions over all ranks: text plus spliced visual tokens."""
+    visual_tokens: int
+    samples: int
+    data_wait_s: float
+    keys: list[str]
+    """Sample keys of this rank's micro-batches (for the non-finite report)."""
+
+
+def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtype: torch.dtype) -> StepResult:
+    skipped_before = engine.skipped_steps
+    # [loss sum, tokens, visual tokens, samples]: one all-reduce for all counters of the step.
+    totals = torch.zeros(4, dtype=torch.float64, device=info.device)
+    wait, keys = 0.0, []
+    engine.train()
+    for _ in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        keys += batch["keys"]
+        inputs = to_device(batch, info.device, dtype)
+        out = engine(**inputs)
+        engine.backward(out.loss)
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        batch_size = inputs["input_ids"].shape[0]
+        spliced = out.attention_mask.sum()
+        # Each sample's one <video> token is replaced by its visual tokens.
+        visual = spliced - inputs["attention_mask"].sum() + batch_size
+        totals += torch.stack([out.loss.detach().double(), spliced.double(), visual.double(),
+                               torch.tensor(float(batch_size), dtype=torch.float64, device=info.device)])
+    dist.all_reduce(totals)
+    norm = engine.get_global_grad_norm()
+    return StepResult(loss=totals[0].item() / (accum * info.world_size),
+                      grad_norm=float(norm) if norm is not None else float("nan"),
+                      skipped=engine.skipped_steps != skipped_before,
+                      tokens=int(totals[1].item()), visual_tokens=int(totals[2].item()),
+                      samples=int(totals[3].item()), data_wait_s=wait, keys=keys)
+
+
+@torch.no_grad()
+def validation_loss(engine, cfg: RunConfig, tokenizer, info: DistInfo, dtype: torch.dtype) -> float:
+    """Mean loss over the held-out sources (or the first `max_batches` of them), all ranks."""
+    from data.loader import VideoLoader
+
+    # A fresh loader each time: the same held-out batches at every evaluation.
+    data_cfg = dataclasses.replace(cfg.data, sources=cfg.validation.sources, samples_per_epoch=None)
+    loader = VideoLoader.from_config(data_cfg, tokenizer, rank=info.rank, world_size=info.world_size)
+    limit = cfg.validation.max_batches or len(loader)
+    totals = torch.zeros(2, dtype=torch.float64, device=info.device)
+    engine.eval()
+    for i, batch in enumerate(loader):
+        if i >= limit:
+            break
+        out = engine(**to_device(batch, info.device, dtype))
+        totals += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=info.device)])
+    engine.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def total_steps_of(cfg: RunConfig, loader, accum: int) -> int:
+    if cfg.schedule.total_steps is not None:
+        return cfg.schedule.total_steps
+    return max(1, math.ceil(cfg.schedule.epochs * loader.batches_per_epoch / accum))
+
+
+def lr_by_group(optimizer) -> dict[str, float]:
+    """`lr/<group>` per trainable module group (its decay and no-decay halves share the lr)."""
+    out = {}
+    for i, group in enumerate(optimizer.param_groups):
+        out.setdefault(f"lr/{group.get('name', str(i)).removesuffix('.no_decay')}", group["lr"])
+    return out
+
+
+def bad_sample_counts(loader, info: DistInfo) -> dict[str, float]:
+    """Bad records skipped so far, summed over ranks (collective)."""
+    per_rank = [None] * info.world_size
+    dist.all_gather_object(per_rank, loader.bad_counts)
+    out: dict[str, float] = {"bad_samples/total": 0.0}
+    for counts in per_rank:
+        for reason, n in counts.items():
+            out[f"bad_samples/{reason}"] = out.get(f"bad_samples/{reason}", 0.0) + n
+            out["bad_samples/total"] += n
+    return out
+
+
+def save(ckpt: Checkpointer, engine, step: int, loader, cfg: RunConfig, nonfinite: int) -> None:
+    state = gather_client_state(step=step, epoch=loader.epoch, loader_state=loader.state_dict(),
+                                config=dataclasses.asdict(cfg), nonfinite_steps=nonfinite)
+    ckpt.save(engine, step, state)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"mambamia train: {err}", file=sys.stderr)
+        return 1
+    info = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"[train] resolved config of stage {cfg.stage}:\n{to_yaml(cfg)}", flush=True)
+
+    # Same seed on every rank while building, so every rank starts from identical weights.
+    seed_everything(cfg.seed)
+    model = build_model(cfg)
+    from data.loader import VideoLoader
+
+    loader = VideoLoader.from_config(cfg.data, model.tokenizer, rank=info.rank, world_size=info.world_size)
+    accum = cfg.parallel.global_batch_size // (cfg.data.batch_size * info.world_size)
+    total_steps = total_steps_of(cfg, loader, accum)
+    engine, optimizer, _ = build_engine(model, cfg, world_size=info.world_size,
+                                        total_steps=total_steps, on_cuda=info.on_cuda)
+    dtype = torch.bfloat16 if resolve_precision(cfg, info.on_cuda) == "bf16" else torch.float32
+    seed_everything(cfg.seed + info.rank)  # independent dropout noise per rank from here on
+
+    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last)
+    client = ckpt.load(engine)
+    step, nonfinite = 0, 0
+    if client is not None:
+        step, nonfinite = client["step"], client.get("nonfinite_steps", 0)
+        states = client["loader_states"]
+        loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states)
+        restore_rng(client)
+        if info.is_main:
+            print(f"[train] resumed {run_dir} at step {step} (epoch {loader.epoch})", flush=True)
+    signals.install()
+
+    metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=total_steps,
+                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+    llm_cfg = model.llm.config
+    num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    peak = peak_flops(info.device)
+    batches = endless(loader)
+    saved_step = step if client is not None else None
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            result = train_step(engine, batches, accum, info, dtype)
+            step += 1
+            elapsed = time.perf_counter() - started
+            if result.skipped:
+                nonfinite += 1
+                all_keys = [None] * info.world_size
+                dist.all_gather_object(all_keys, result.keys)
+                message = (f"step {step}: non-finite loss {result.loss} or gradient norm "
+                           f"{result.grad_norm}, update skipped ({nonfinite} so far, limit "
+                           f"{cfg.max_nonfinite_steps}); sample keys {sum(all_keys, [])}")
+                metrics.write(f"[train] {message}")
+                if nonfinite > cfg.max_nonfinite_steps:
+                    if info.is_main:
+                        print(f"mambamia train: stopping: {message}", file=sys.stderr, flush=True)
+                    return 1
+            if step % cfg.logging.every_steps == 0 or step == total_steps:
+                scalars = {"loss": result.loss, "grad_norm": result.grad_norm,
+                           **lr_by_group(optimizer),
+                           "throughput/tokens_per_s": result.tokens / elapsed,
+                           "throughput/samples_per_s": result.samples / elapsed,
+                           "visual_tokens_per_sample": result.visual_tokens / result.samples,
+                           "time/step_s": elapsed, "time/data_wait_frac": result.data_wait_s / elapsed,
+                           "nonfinite_steps": float(nonfinite), **bad_sample_counts(loader, info),
+                           **memory_gb(info.device)}
+                if peak is not None:
+                    seq = result.tokens / result.samples
+                    flops = train_flops_per_token(num_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seq)
+                    scalars["mfu"] = flops * result.tokens / elapsed / (peak * info.world_size)
+                metrics.log(step, scalars)
+            metrics.progress(1, result.loss, result.samples / elapsed)
+
+            every = cfg.validation.every_steps
+            if cfg.validation.sources and (step == total_steps or (every and step % every == 0)):
+                val = validation_loss(engine, cfg, model.tokenizer, info, dtype)
+                metrics.log(step, {"val/loss": val})
+                metrics.write(f"[train] step {step}: validation loss {val:.4f}")
+            every = cfg.checkpoint.every_steps
+            if step == total_steps or (every and step % every == 0):
+                save(ckpt, engine, step, loader, cfg, nonfinite)
+                saved_step = step
+            if signals.should_stop():
+                if saved_step != step:
+                    save(ckpt, engine, step, loader, cfg, nonfinite)
+                metrics.write(f"[train] stop signal: checkpointed step {step}, exiting for requeue")
+                return signals.REQUEUE_EXIT_CODE
+        if saved_step != step:  # resumed at (or past) the end: leave the final checkpoint in place
+            save(ckpt, engine, step, loader, cfg, nonfinite)
+        metrics.write(f"[train] stage {cfg.stage} finished at step {step}")
+        return 0
+    finally:
+        metrics.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
