@@ -164,41 +164,49 @@ class _BatchStream(IterableDataset):
             ids, labels = tokenize_conversation(loader.tokenizer, convs[pick], cfg.max_text_len)
         except ValueError as e:
             raise BadRecord("text", f"{head.path}: {head.key}: {e}") from None
-        frame_idx = uniform_frame_indices(head.shape[0], cfg.max_frames)
-        return PreparedSample(head=head, source=loader.sources[s].path, input_ids=ids, labels=labels, frame_idx=frame_idx)
+        return PreparedSample(head=head, source=loader.sources[s].path, input_ids=ids, labels=labels,
+                              frame_idx=uniform_frame_indices(head.shape[0], cfg.max_frames))
+
+    def _collate(self, prepared: list[PreparedSample], reader: ShardReader, shared: bool):
+        if not prepared:
+            return {}, []
+        return collate(prepared, reader, pad_id=self.loader.pad_id,
+                       features_dtype=self.loader.config.features_dtype, shared=shared)
 
     def _build(self, b: int, reader: ShardReader, shared: bool) -> tuple[dict, dict]:
         loader = self.loader
         positions, padded = self.plan.rank_batch(self.start, b, loader.rank, loader.world_size,
                                                  loader.config.batch_size)
-        stats = {"seen": Counter(), "bad": Counter(), "repeats": int(padded)}
+        # Plain dicts: DataLoader's default conversion would re-add a Counter into its own copy.
+        seen, bad = {}, {}
         prepared = []
         for p in positions:
             source = loader.sources[self.plan.item(p)[0]].path
-            stats["seen"][source] += 1
+            seen[source] = seen.get(source, 0) + 1
             try:
                 prepared.append(self._prepare(p, reader))
             except BadRecord as e:
-                stats["bad"][(source, e.reason)] += 1
+                bad[source, e.reason] = bad.get((source, e.reason), 0) + 1
                 log.debug("skipped %s", e)
-        batch, failures = collate(prepared, reader, pad_id=loader.pad_id,
-                                  features_dtype=loader.config.features_dtype,
-                                  shared=shared) if prepared else ({}, [])
+        batch, failures = self._collate(prepared, reader, shared)
         for sample, e in failures:
-            stats["bad"][(sample.source, e.reason)] += 1
-        fallback = positions[-1]
+            bad[sample.source, e.reason] = bad.get((sample.source, e.reason), 0) + 1
+        repeats, fallback, attempts = int(padded), positions[-1], 0
         while not batch:  # every record bad: take the next readable one so this rank keeps pace
-            fallback = (fallback + 1) % self.plan.length
-            stats["repeats"] += 1
-            if stats["repeats"] > _MAX_FALLBACK:
-                raise RuntimeError(f"{_MAX_FALLBACK} consecutive unreadable records near epoch "
-                                   f"position {positions[0]}: check the shards of {sorted(stats['seen'])}")
+            fallback, attempts = (fallback + 1) % self.plan.length, attempts + 1
+            if attempts > min(_MAX_FALLBACK, self.plan.length):
+                raise RuntimeError(f"{attempts - 1} unreadable records in a row after epoch position "
+                                   f"{positions[0]}: check the shards of {sorted(seen)}")
             try:
-                batch, _ = collate([self._prepare(fallback, reader)], reader, pad_id=loader.pad_id,
-                                   features_dtype=loader.config.features_dtype, shared=shared)
+                batch, _ = self._collate([self._prepare(fallback, reader)], reader, shared)
             except BadRecord:
                 continue
-        return batch, stats
+            repeats += 1
+        return batch, {"seen": seen, "bad": bad, "repeats": repeats}
+
+
+def _as_is(item):
+    return item
 
 
 def _as_source(item) -> DataSource:
@@ -272,6 +280,9 @@ class VideoLoader:
         self.seen.update(stats["seen"])
         self.bad.update(stats["bad"])
         self.repeats += stats["repeats"]
+        if stats["repeats"]:
+            log.info("loader rank %d epoch %d: %d sample(s) repeated to fill a batch (total %d)",
+                     self.rank, self.epoch, stats["repeats"], self.repeats)
         cfg = self.config
         for src in {source for source, _ in (self.bad if epoch_done else stats["bad"])}:
             bad = sum(n for (s, _), n in self.bad.items() if s == src)
@@ -335,7 +346,7 @@ class VideoLoader:
         cfg = self.config
         if cfg.num_workers > 0:
             source = DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, num_batches) or 1,
-                                prefetch_factor=cfg.prefetch_factor)
+                                prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is)
         else:
             source = stream
         for expected, (b, batch, stats) in enumerate(source):
@@ -343,7 +354,7 @@ class VideoLoader:
                 raise RuntimeError(f"loader: batch {b} arrived where {expected} was due (DataLoader order)")
             self.offset = min(start + (b + 1) * self.global_batch, self.samples_per_epoch)
             done = self.offset >= self.samples_per_epoch
+            self._account(stats, done)
             if done:
                 self.epoch, self.offset = self.epoch + 1, 0
-            self._account(stats, done)
             yield batch

@@ -113,10 +113,12 @@ def tokenize_conversation(tokenizer, conversation: list[dict], max_len: int) -> 
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
     span_i = 0
-    for t, (start, _) in enumerate(offsets):
+    # A token overlapping an answer is learned: with templates like "ASSISTANT: {answer}" the
+    # answer's first token carries the space before it (" red"), which starts outside the span.
+    for t, (start, end) in enumerate(offsets):
         while span_i < len(spans) and start >= spans[span_i][1]:
             span_i += 1
-        if span_i < len(spans) and spans[span_i][0] <= start:
+        if span_i < len(spans) and end > spans[span_i][0] and end > start:
             labels[t] = ids[t]
     video_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     if ids.count(video_id) != 1:
