@@ -1,0 +1,156 @@
+"""`mambamia train` interrupted every way a cluster interrupts it, then resumed; and the export.
+
+The tiny stage-1 config (ZeRO-2, fp32, 2 gloo ranks forked by tests/ckpt_worker.launch) runs once
+uninterrupted: that run is the oracle. A second run folder goes through: SIGKILL of rank 0 inside
+the save of step 4 (steps 3-4 are lost, `latest` stays at 2) -> resume, SIGUSR1 to rank 0 only after
+step 3 (both ranks checkpoint and exit 85) -> resume to the end. Its losses, read back from
+metrics.jsonl, must equal the oracle's step for step. A copy of the oracle's step-4 checkpoint
+resumed by ONE process continues at step 5. The oracle's final checkpoint, exported and loaded with
+`VideoLLM.from_pretrained`, must give the logits the trained model gave in the training process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ckpt_worker import launch
+from trainer.checkpoint import CRASH_IN_SAVE_ENV, Checkpointer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO_ROOT / "configs" / "tiny" / "stage1.yaml")
+STEPS = 6
+COMMON = [f"schedule.total_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+          "validation.every_steps=0", "logging.tensorboard=false", "parallel.zero_stage=2"]
+SIGNAL_ENV = "TEST_SIGNAL_AFTER_STEP"
+LOGITS_ENV = "TEST_DUMP_LOGITS"
+
+
+def _fixed_batch(tokenizer, dim: int = 32):
+    from trainer.tiny import VIDEO_TOKEN
+
+    g = torch.Generator().manual_seed(5)
+    ids = tokenizer(f"{VIDEO_TOKEN}\nWhat colour is the shape?", return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "features": torch.randn(1, 8, 16, dim, generator=g),
+            "frame_mask": torch.ones(1, 8, dtype=torch.bool)}
+
+
+def _train(argv: list[str]) -> int:
+    """A forked rank: `mambamia train` on the tiny config with RUN_DIR + overrides, instrumented."""
+    import torch.distributed as dist
+
+    import trainer.train as train
+
+    run_dir, overrides = argv[0], argv[1:]
+    captured = {}
+    build_engine, train_step = train.build_engine, train.train_step
+    signal_after = int(os.environ.get(SIGNAL_ENV, "0"))
+    start = Checkpointer(run_dir).latest_step() or 0
+    calls = {"n": start}
+
+    def capture_engine(model, cfg, **kw):
+        captured["engine"], opt, sched = build_engine(model, cfg, **kw)
+        return captured["engine"], opt, sched
+
+    def signalling_step(*args, **kwargs):
+        result = train_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == signal_after and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    train.build_engine, train.train_step = capture_engine, signalling_step
+    rc = train.main([CONFIG, f"run_dir={run_dir}", *overrides])
+    if os.environ.get(LOGITS_ENV) and dist.get_rank() == 0:
+        module = captured["engine"].module  # ZeRO-2: every rank holds the full fp32 weights
+        module.eval()
+        batch = _fixed_batch(module.tokenizer)
+        with torch.no_grad():
+            logits = module(**batch).logits
+        torch.save({"batch": batch, "logits": logits}, os.environ[LOGITS_ENV])
+    return rc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl; a step logged twice (redone after a kill) keeps the last."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tiny_assets, tmp_path_factory):
+    from tests.test_train import make_tiny_root
+
+    return make_tiny_root(tmp_path_factory.mktemp("resume") / "tiny", Path(tiny_assets["llm"]))
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_root):
+    run = tiny_root / "runs" / "oracle"
+    env = {"MAMBAMIA_TINY": str(tiny_root), LOGITS_ENV: str(tiny_root / "logits.pt")}
+    assert launch(run, 2, *COMMON, target=_train, env=env) == [0, 0]
+    losses = _losses(run)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return run, losses
+
+
+@pytest.mark.slow
+def test_kill_and_signal_then_resume_match_uninterrupted_run(tiny_root, oracle):
+    _, expected = oracle
+    run = tiny_root / "runs" / "interrupted"
+    env = {"MAMBAMIA_TINY": str(tiny_root)}
+    ckpt = Checkpointer(run)
+    codes = launch(run, 2, *COMMON, target=_train, env={**env, CRASH_IN_SAVE_ENV: "4"})
+    assert codes[0] == -signal.SIGKILL
+    assert ckpt.latest_step() == 2 and (ckpt.root / "4.partial").is_dir()
+    assert launch(run, 2, *COMMON, target=_train, env={**env, SIGNAL_ENV: "3"}) == [85, 85]
+    assert ckpt.latest_step() == 3 and not (ckpt.root / "4.partial").exists()
+    assert launch(run, 2, *COMMON, target=_train, env=env) == [0, 0]
+    assert ckpt.latest_step() == STEPS
+    losses = _losses(run)
+    assert sorted(losses) == sorted(expected)
+    for step, loss in expected.items():
+        assert losses[step] == pytest.approx(loss, abs=1e-6, rel=0), step
+    client = torch.load(ckpt.root / str(STEPS) / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["step"] == STEPS and len(client["loader_states"]) == 2
+    assert len(client["rng_states"]) == 2 and client["config"]["run_dir"] == str(run)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_continues_on_one_rank(tiny_root, oracle):
+    oracle_run, expected = oracle
+    run = tiny_root / "runs" / "one_rank"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(oracle_run / "checkpoints" / "4", run / "checkpoints" / "4")
+    (run / "checkpoints" / "latest").write_text("4\n")
+    assert launch(run, 1, *COMMON, target=_train, env={"MAMBAMIA_TINY": str(tiny_root)}) == [0]
+    losses = _losses(run)
+    assert sorted(losses) == [5, 6]
+    # Same weights, optimizer state and global batch size: the first resumed loss lies close to
+    # the 2-rank run's (the loader may deal the global batch to micro-batches in another order).
+    assert losses[5] == pytest.approx(expected[5], rel=0.2)
+    assert Checkpointer(run).info(STEPS)["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, oracle, tmp_path):
+    from model.video_llm import VideoLLM
+    from trainer.export import main as export_main
+
+    oracle_run, _ = oracle
+    out = tmp_path / "export"
+    assert export_main([str(oracle_run), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["compressor.safetensors", "llm", "mambamia.json",
+                                                      "projector.safetensors"]
+    model = VideoLLM.from_pretrained(out).eval()
+    dumped = torch.load(tiny_root / "logits.pt", weights_only=False)
+    with torch.no_grad():
+        logits = model(**dumped["batch"]).logits
+    torch.testing.assert_close(logits, dumped["logits"], atol=1e-6, rtol=0)
+    assert export_main([str(oracle_run), str(tmp_path / "x"), "--step", "5"]) == 1
