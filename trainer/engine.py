@@ -27,15 +27,20 @@ def resolve_precision(cfg: RunConfig, on_cuda: bool) -> str:
     return "bf16" if on_cuda else "fp32"
 
 
+def grad_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """global batch = micro-batch x accumulation x data-parallel processes, solved for accumulation."""
+    micro, global_batch = cfg.data.batch_size, cfg.parallel.global_batch_size
+    if global_batch % (micro * world_size):
+        raise ConfigError(
+            f"parallel.global_batch_size: {global_batch} is not a multiple of "
+            f"data.batch_size x data-parallel processes = {micro} x {world_size}")
+    return global_batch // (micro * world_size)
+
+
 def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for this run; pure, so it is unit-tested without launching."""
     par, micro = cfg.parallel, cfg.data.batch_size
-    per_step = micro * world_size
-    if par.global_batch_size % per_step:
-        raise ConfigError(
-            f"parallel.global_batch_size: {par.global_batch_size} is not a multiple of "
-            f"data.batch_size x data-parallel processes = {micro} x {world_size}")
-    accum = par.global_batch_size // per_step
+    accum = grad_accumulation_steps(cfg, world_size)
     zero: dict[str, Any] = {"stage": par.zero_stage}
     if par.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}

@@ -26,7 +26,7 @@ from trainer import signals
 from trainer.checkpoint import Checkpointer, gather_client_state, restore_rng
 from trainer.config import ConfigError, RunConfig, load_config, save_config, to_yaml
 from trainer.dist import DistInfo, init_distributed
-from trainer.engine import build_engine, resolve_precision
+from trainer.engine import build_engine, grad_accumulation_steps, resolve_precision
 from trainer.metrics import MetricsLogger, memory_gb, peak_flops, train_flops_per_token
 from trainer.rng import seed_everything
 
@@ -184,11 +184,16 @@ def save(ckpt: Checkpointer, engine, step: int, loader, cfg: RunConfig, nonfinit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        return run(load_config(args.config, args.overrides))
+    except ConfigError as err:  # also raised after start-up: batch sizes vs world size, init_from
         print(f"mambamia train: {err}", file=sys.stderr)
         return 1
+
+
+def run(cfg: RunConfig) -> int:
+    """Train `cfg`'s stage to its last step (resuming the run folder if it has a checkpoint)."""
     info = init_distributed()
+    accum = grad_accumulation_steps(cfg, info.world_size)
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     from data.loader import VideoLoader
 
     loader = VideoLoader.from_config(cfg.data, model.tokenizer, rank=info.rank, world_size=info.world_size)
-    accum = cfg.parallel.global_batch_size // (cfg.data.batch_size * info.world_size)
     total_steps = total_steps_of(cfg, loader, accum)
     engine, optimizer, _ = build_engine(model, cfg, world_size=info.world_size,
                                         total_steps=total_steps, on_cuda=info.on_cuda)
@@ -275,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
                     save(ckpt, engine, step, loader, cfg, nonfinite)
                 metrics.write(f"[train] stop signal: checkpointed step {step}, exiting for requeue")
                 return signals.REQUEUE_EXIT_CODE
-        if saved_step != step:  # resumed at (or past) the end: leave the final checkpoint in place
-            save(ckpt, engine, step, loader, cfg, nonfinite)
         metrics.write(f"[train] stage {cfg.stage} finished at step {step}")
         return 0
     finally:
