@@ -39,7 +39,7 @@ class VideoItem:
     video: str
     """The video as the annotation names it (a path relative to the video root, or a file name)."""
     where: str
-    """file:line / file#record of the first annotation naming this video, for error messages."""
+    """'file:line N' or 'file:record N' of the first annotation naming this video."""
     conversations: list[list[dict]] = field(default_factory=list)
     qa: list[dict] = field(default_factory=list)
     duration: float | None = None
@@ -59,6 +59,10 @@ class _Ctx:
 
     def __init__(self, path: Path, where: str):
         self.path, self.where = path, where
+
+    @property
+    def location(self) -> str:
+        return f"{self.path}:{self.where}"
 
     def fail(self, field_name: str, expected: str, got: Any = _NOT_SHOWN) -> AnnotationError:
         got_text = "" if got is _NOT_SHOWN else f", got {_short(got)}"
@@ -176,7 +180,7 @@ def _conversation(ctx: _Ctx, turns: Any, name: str) -> list[dict]:
 
 def _parse_llava(ctx: _Ctx, record: dict) -> list[VideoItem]:
     video = ctx.get(record, "video", str)
-    return [VideoItem(video=video, where=ctx.where,
+    return [VideoItem(video=video, where=ctx.location,
                       conversations=[_conversation(ctx, record.get("conversations"), "conversations")])]
 
 
@@ -244,7 +248,7 @@ def _parse_videomme(ctx: _Ctx, record: dict) -> list[VideoItem]:
             qa.append(_videomme_question(ctx, {"duration": record.get("duration"), **q}, f"questions[{i}]."))
     else:
         qa = [_videomme_question(ctx, record, "")]
-    return [VideoItem(video=f"{video_id}.mp4", where=ctx.where, qa=qa)]
+    return [VideoItem(video=f"{video_id}.mp4", where=ctx.location, qa=qa)]
 
 
 def _parse_mlvu(ctx: _Ctx, record: dict) -> list[VideoItem]:
@@ -254,7 +258,7 @@ def _parse_mlvu(ctx: _Ctx, record: dict) -> list[VideoItem]:
     qa = _qa(id=record.get("question_id"), question=ctx.get(record, "question", str), options=options,
              answer=answer_index(ctx, record.get("answer"), options, "answer"),
              type=record.get("question_type"))
-    return [VideoItem(video=video, where=ctx.where, qa=[qa], duration=duration)]
+    return [VideoItem(video=video, where=ctx.location, qa=[qa], duration=duration)]
 
 
 def _split_lvbench_question(ctx: _Ctx, text: str, name: str) -> tuple[str, list[str]]:
@@ -288,7 +292,7 @@ def _parse_lvbench(ctx: _Ctx, record: dict) -> list[VideoItem]:
     info = record.get("video_info") if isinstance(record.get("video_info"), dict) else {}
     minutes = info.get("duration_minutes")
     duration = float(minutes) * 60 if isinstance(minutes, (int, float)) else None
-    return [VideoItem(video=f"{key}.mp4", where=ctx.where, qa=qa, duration=duration)]
+    return [VideoItem(video=f"{key}.mp4", where=ctx.location, qa=qa, duration=duration)]
 
 
 PARSERS: dict[str, Callable[[_Ctx, dict], list[VideoItem]]] = {

@@ -106,11 +106,12 @@ def group_items(items: list[VideoItem]) -> dict[str, VideoItem]:
     """key -> one item per video: its conversations and questions from every file merged."""
     grouped: dict[str, VideoItem] = {}
     for item in items:
-        key = make_key(item.video)
+        video = os.path.normpath(item.video)  # "./a.mp4" and "a.mp4" are one video
+        key = make_key(video)
         if key in grouped:
             grouped[key].merge(item)
         else:
-            grouped[key] = VideoItem(video=item.video, where=item.where, conversations=list(item.conversations),
+            grouped[key] = VideoItem(video=video, where=item.where, conversations=list(item.conversations),
                                      qa=list(item.qa), duration=item.duration)
     return grouped
 
@@ -144,18 +145,19 @@ def load_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False), None
+    import torch  # safetensors through torch too: numpy has no bfloat16
+
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        obj = load_file(str(path))
     else:
-        import torch
-
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = {"features": obj} if isinstance(obj, torch.Tensor) else obj
-        if not isinstance(tensors, dict):
-            raise ValueError(f"expected a tensor or a dict of tensors, got {type(obj).__name__}")
-        tensors = {k: v.float().numpy() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+    tensors = {"features": obj} if isinstance(obj, torch.Tensor) else obj
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"expected a tensor or a dict of tensors, got {type(obj).__name__}")
+    # float64 timestamps of an hour-long video need their precision: only bfloat16 is widened.
+    tensors = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in tensors.items()}
     if "features" not in tensors:
         if len(tensors) != 1:
             raise ValueError(f"expected one tensor or a 'features' entry, got keys {sorted(tensors)}")
@@ -253,9 +255,22 @@ def _prefetch(fn: Callable, work: list, workers: int) -> Iterator:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # ranks may write the same file
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_layout(out_dir: Path, prefix: str, world_size: int) -> None:
+    """Pin the world size of a prefix's shards: rank slices depend on it, so a rerun with another
+    world size would convert some videos twice (in two ranks' shards) instead of resuming."""
+    path = out_dir / f"layout-{prefix}.json"
+    if path.exists():
+        recorded = json.loads(path.read_text()).get("world_size")
+        if recorded != world_size:
+            raise ValueError(f"{path}: these shards were written by {recorded} ranks, this run has "
+                             f"{world_size}; rerun with --world-size {recorded} or use a new --out/--prefix")
+        return
+    _write_atomic(path, json.dumps({"prefix": prefix, "world_size": world_size}) + "\n")
 
 
 def summary_path(out_dir: Path, rank: int) -> Path:
@@ -272,6 +287,7 @@ def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: boo
     start = time.time()
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_layout(out_dir, config.prefix, config.world_size)
     summary_path(out_dir, config.rank).unlink(missing_ok=True)
     failures = list(failures or [])
     summary = Summary(rank=config.rank, world_size=config.world_size, run_id=config.run_id, failed=len(failures))

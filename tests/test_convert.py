@@ -265,7 +265,9 @@ def test_feature_files_ranks_and_merge(tmp_path, capsys):
 
     save_file({"features": arrays["b"], "timestamps": np.array([0.0, 2.0, 4.5, 7.0])}, str(feats_dir / "b.safetensors"))
     torch.save(torch.from_numpy(arrays["c"]), feats_dir / "c.pt")
-    torch.save({"features": torch.from_numpy(arrays["d"])}, feats_dir / "d.pt")
+    torch.save({"features": torch.from_numpy(arrays["d"]).bfloat16(),
+                "timestamps": torch.tensor([3599.123456, 3600.5, 3601.75, 3602.0, 3603.0625, 3604.0], dtype=torch.float64)},
+               feats_dir / "d.pt")
     np.save(feats_dir / "e.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)  # needs pickle
     np.save(feats_dir / "f.npy", np.zeros((4, 8), np.float32))  # wrong rank
     rows = [{"videoID": v, "question": f"Q {v}?", "options": ["A. yes", "B. no"], "answer": "B",
@@ -287,10 +289,12 @@ def test_feature_files_ranks_and_merge(tmp_path, capsys):
     assert set(by_video) == {"a", "b", "c", "d"}
     for v in "abcd":
         f, meta = by_video[v]
-        np.testing.assert_array_equal(f, arrays[v].astype(np.float16))
+        src = torch.from_numpy(arrays[v]).bfloat16().float().numpy() if v == "d" else arrays[v]
+        np.testing.assert_array_equal(f, src.astype(np.float16))
         assert meta["encoder"] == "siglip-test" and meta["qa"][0]["answer"] == 1
     assert by_video["b"][1]["timestamps"] == [0.0, 2.0, 4.5, 7.0]
     assert by_video["a"][1]["timestamps"] == [0.0, 2.0, 4.0]  # no timestamps stored: frame i at i / fps
+    assert by_video["d"][1]["timestamps"] == [3599.123456, 3600.5, 3601.75, 3602.0, 3603.0625, 3604.0]
     failures = [json.loads(line) for r in (0, 1)
                 for line in (out / f"failures-r{r:05d}.jsonl").read_text().splitlines()]
     reasons = {f["video"]: f["reason"] for f in failures}
@@ -298,6 +302,11 @@ def test_feature_files_ranks_and_merge(tmp_path, capsys):
     assert reasons["e.mp4"].startswith("bad feature file") and "pickle" in reasons["e.mp4"].lower()
     assert reasons["f.mp4"].startswith("bad feature file: expected a float [frames, patches, dim]")
     assert reasons["g.mp4"].startswith("missing feature file")
+    assert {f["annotation"] for f in failures} == {f"{ann}:line {i}" for i in (5, 6, 7)}
+
+    # the rank slices depend on the world size: resuming with another one is refused
+    assert convert_main(base[:-1] + ["3", "--rank", "0"]) == 2
+    assert "written by 2 ranks, this run has 3" in capsys.readouterr().err
 
     # merge-only recomputes the same index; nothing convertible at all -> exit code 1
     (out / "index.json").unlink()
@@ -314,6 +323,11 @@ def test_cli_errors_and_help(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "bad.json:record 0: field 'video'" in err
     assert convert_main(["--annotations", str(bad), "--out", str(tmp_path / "o")]) == 2
+    # skipping bad records: logged as failures; with nothing left to convert the exit code is 1
+    assert convert_main(["--annotations", str(bad), "--features", str(tmp_path), "--out", str(tmp_path / "o"),
+                         "--skip-bad-annotations", "--no-progress"]) == 1
+    logged = json.loads((tmp_path / "o" / "failures-r00000.jsonl").read_text())
+    assert logged["file"] == str(bad) and "record 0: field 'video'" in logged["reason"]
     assert convert_main(["--merge-only", str(tmp_path / "empty")]) == 2
     for main in (convert_main, extract_main):
         with pytest.raises(SystemExit) as info:
