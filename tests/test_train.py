@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_STAGE1 = str(REPO_ROOT / "configs" / "tiny" / "stage1.yaml")
@@ -146,9 +147,6 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------
 # pytest side
 
-import pytest  # noqa: E402  (the worker above must not need pytest's import-time plugins)
-
-
 ZERO_STAGES = (1, 2, 3)
 
 
@@ -257,3 +255,37 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(launched):
     assert [r["nonfinite_steps"] for r in _rows(run_dir) if "loss" in r] == [0, 0, 1]
     checkpoints = run_dir / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.glob("[0-9]*"))
+
+
+def test_init_from_loads_the_previous_stage_export_into_this_stage_model(tiny_assets, tmp_path, monkeypatch):
+    """Stage N+1 = stage N's export weights inside stage N+1's architecture flags."""
+    import torch
+
+    from model.video_llm import VideoLLM
+    from trainer.config import load_config
+    from trainer.train import build_model
+
+    monkeypatch.setenv("MAMBAMIA_TINY", str(tmp_path))
+    (tmp_path / "llm").symlink_to(Path(tiny_assets["llm"]), target_is_directory=True)
+    stage1 = load_config(TINY_STAGE1)
+    torch.manual_seed(1)
+    exported = VideoLLM.build(stage1.model)
+    exported.save_pretrained(tmp_path / "exports" / "stage1")
+    stage2 = load_config(REPO_ROOT / "configs" / "tiny" / "stage2.yaml")
+    assert stage2.init_from == str(tmp_path / "exports" / "stage1")
+    torch.manual_seed(2)  # a different fresh init, so equality can only come from the export
+    model = build_model(stage2)
+    want, got = exported.state_dict(), model.state_dict()
+    assert set(want) == set(got)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    # Stage 2's own recomputation flag, not the export's (transformers 5 renamed the attribute).
+    assert getattr(model.llm, "is_activation_checkpointing", None) or model.llm.is_gradient_checkpointing
+
+
+def test_config_errors_exit_1_with_one_line(capsys, monkeypatch):
+    from trainer.train import main
+
+    monkeypatch.setenv("MAMBAMIA_TINY", "/nonexistent")
+    assert main([TINY_STAGE1, "parallel.zero_stage=5"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "mambamia train: parallel.zero_stage: expected one of [1, 2, 3], got 5"
