@@ -62,9 +62,3 @@ def init_distributed() -> DistInfo:
               flush=True)
     return info
 
-
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True only if `flag` is true on every rank (a collective: every rank must call it)."""
-    value = torch.tensor([1 if flag else 0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
