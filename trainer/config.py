@@ -103,13 +103,16 @@ class RunConfig:
     seed: int = 0
     model: VideoLLMConfig
     init_from: str | None = None
-    """The previous stage's export folder (`mambamia export`); its weights replace the fresh ones."""
+    """The previous stage's export folder (`mambamia export`): its LLM (init_from/llm, which then
+    replaces model.llm_path), compressor and projector weights go into the architecture this
+    stage's `model` section describes."""
     trainable: list[str]
     """Module groups that train; every other group is frozen and gets no optimizer state."""
     max_nonfinite_steps: int = 3
     """Steps with a non-finite loss or gradient norm that are skipped before the run stops."""
     data: DataConfig
-    """The training mixture and loader (data/config.py); `data.batch_size` is the micro-batch."""
+    """The training mixture and loader (data/config.py); `data.batch_size` is the micro-batch and
+    `data.seed` alone fixes the sample order (independent of `seed`, which fixes initialisation)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
