@@ -17,12 +17,14 @@ _TIME_BASE = Fraction(1, 1000)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float,
-                timestamps: list[float] | np.ndarray | None = None, *, crf: int = 18) -> Path:
+                timestamps: list[float] | np.ndarray | None = None, *, crf: int = 18,
+                gop: int | None = None) -> Path:
     """Encode uint8 frames [T, H, W, 3] (H, W even) as H.264 in an mp4.
 
     Without `timestamps` frame i is shown at i / fps. With them each frame gets that presentation
     time in seconds (strictly increasing, millisecond resolution), which makes a variable-frame-rate
     file; `fps` then only sets the nominal rate and the last frame's display duration.
+    `gop` sets the keyframe interval in frames (x264's default, 250, otherwise).
     The index (moov) is written before the data ("faststart") so that a truncated copy still opens
     and announces its full duration, like a partially downloaded file does.
     """
@@ -47,8 +49,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float,
     with av.open(str(tmp), "w", options={"movflags": "faststart"}) as container:
         # No B-frames: with reordering, the mp4 muxer under-reports a variable-frame-rate stream's
         # duration, and every decoder would then disagree with the timestamps written here.
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000),
-                                      options={"crf": str(crf), "bf": "0"})
+        options = {"crf": str(crf), "bf": "0", **({"g": str(gop)} if gop else {})}
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000), options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = _TIME_BASE
         for frame_rgb, p in zip(frames, pts):
@@ -73,15 +75,15 @@ def moving_square_frames(n: int, height: int = 32, width: int = 32, *, seed: int
     """uint8 [n, H, W, 3]: a coloured square moving over a flat background, distinct per frame.
 
     Compresses well (a few KB per second of video) yet every frame differs, so a test can tell
-    which frame a decoder returned.
+    which frame a decoder returned: the square's path repeats, the background brightens steadily.
     """
     rng = np.random.default_rng(seed)
-    background = rng.integers(0, 96, size=3, dtype=np.uint8)
-    colour = rng.integers(128, 256, size=3, dtype=np.uint8)
+    background = rng.integers(0, 64, size=3, dtype=np.uint8)
+    colour = rng.integers(160, 256, size=3, dtype=np.uint8)
     side = max(2, min(height, width) // 4)
     frames = np.empty((n, height, width, 3), np.uint8)
-    frames[:] = background
     for i in range(n):
+        frames[i] = background + np.uint8(i * 96 // n)
         y = (i * 3) % (height - side)
         x = (i * 5) % (width - side)
         frames[i, y:y + side, x:x + side] = colour

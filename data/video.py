@@ -32,6 +32,8 @@ class SamplingConfig:
     (a truncated file whose index survived), reported as corrupt."""
     backend: str = "auto"
     """'auto' (decord, PyAV when decord is missing or fails on the file), 'decord' or 'pyav'."""
+    seek_gap_s: float = 10.0
+    """PyAV seeks instead of decoding through gaps longer than this between sampled times."""
 
     def __post_init__(self):
         if not self.fps > 0:
@@ -40,6 +42,8 @@ class SamplingConfig:
             raise ValueError(f"sampling max_frames: expected >= 1, got {self.max_frames}")
         if not 0 < self.min_decoded_fraction <= 1:
             raise ValueError(f"sampling min_decoded_fraction: expected in (0, 1], got {self.min_decoded_fraction}")
+        if not self.seek_gap_s > 0:
+            raise ValueError(f"sampling seek_gap_s: expected > 0, got {self.seek_gap_s}")
         if self.backend not in BACKENDS:
             raise ValueError(f"sampling backend: expected one of {BACKENDS}, got {self.backend!r}")
 
@@ -131,15 +135,15 @@ def _decode_pyav(path: Path, config: SamplingConfig) -> DecodedVideo:
             raise CorruptVideo("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         duration = _container_duration(container, stream)
         if duration is None:
             raise CorruptVideo("container reports no duration")
         targets = sample_timestamps(duration, config.fps, config.max_frames)
-        frames, times, last_time, step = _stream_nearest(container.decode(stream), targets, start)
+        sampler = _NearestFrameSampler(container, stream, config.seek_gap_s)
+        frames, times = sampler.sample(targets)
+        decoded_end = sampler.decoded_end(duration)
     if not frames:
         raise CorruptVideo("no frames decoded")
-    decoded_end = last_time + step
     if decoded_end < config.min_decoded_fraction * duration:
         raise CorruptVideo(f"short read: frames end at {decoded_end:.2f}s of a {duration:.2f}s container")
     return DecodedVideo(frames=np.stack(frames), timestamps=np.asarray(times), duration=duration,
@@ -157,32 +161,74 @@ def _container_duration(container, stream) -> float | None:
     return max(known) if known else None
 
 
-def _stream_nearest(decoded, targets: np.ndarray, start: float):
-    """One pass over decoded frames keeping, for each target, the frame nearest in time.
+class _NearestFrameSampler:
+    """Walks a PyAV stream forward keeping, for each target time, the frame nearest to it.
 
-    Only the chosen frames are converted to RGB, so an hour of video costs decode time, not memory.
-    Same choice as `nearest_frames` (ties to the earlier frame). Returns the RGB frames, their
-    times, the last decoded frame's time and its display step (for the short-read check).
+    Same choice as `nearest_frames` (ties go to the earlier frame). When the next target lies more
+    than `seek_gap` seconds ahead, it seeks to the keyframe before it instead of decoding the
+    frames in between, so an hour-long video sampled at a few dozen times decodes a few GOPs per
+    target, not every frame. Only chosen frames are converted to RGB.
     """
-    frames, times = [], []
-    prev, prev_t, j, step = None, None, 0, 0.0
-    for frame in decoded:
-        if frame.pts is None:
-            continue
-        t = float(frame.pts * frame.time_base) - start
-        while j < len(targets) and t >= targets[j]:
-            keep_prev = prev is not None and targets[j] - prev_t <= t - targets[j]
-            chosen, chosen_t = (prev, prev_t) if keep_prev else (frame, t)
-            if not times or times[-1] != chosen_t:
-                frames.append(chosen.to_ndarray(format="rgb24"))
-                times.append(chosen_t)
-            j += 1
-        if prev_t is not None:
-            step = t - prev_t
-        prev, prev_t = frame, t
-    if prev is None:
-        return [], [], 0.0, 0.0
-    if j < len(targets) and (not times or times[-1] != prev_t):
-        frames.append(prev.to_ndarray(format="rgb24"))
-        times.append(prev_t)
-    return frames, times, prev_t, step
+
+    def __init__(self, container, stream, seek_gap: float):
+        self.container, self.stream, self.seek_gap = container, stream, seek_gap
+        self.start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        self.decoder = container.decode(stream)
+        self.prev, self.prev_t = None, None
+        self.step = 0.0  # display time of the last frame, from its predecessor without a seek between
+        self.after_seek = False
+
+    def _next(self):
+        """The next frame later than every frame seen so far, with its time; None at the end."""
+        for frame in self.decoder:
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * frame.time_base) - self.start
+            if self.prev_t is not None and t <= self.prev_t:
+                continue  # a backward seek lands on a keyframe we may already have passed
+            return frame, t
+        return None
+
+    def _advance(self, frame, t) -> None:
+        if self.prev_t is not None and not self.after_seek:
+            self.step = t - self.prev_t
+        self.prev, self.prev_t, self.after_seek = frame, t, False
+
+    def _seek(self, t: float) -> None:
+        pts = int((t + self.start) / self.stream.time_base)
+        self.container.seek(pts, stream=self.stream, backward=True)
+        self.decoder = self.container.decode(self.stream)
+        self.after_seek = True
+
+    def sample(self, targets: np.ndarray) -> tuple[list[np.ndarray], list[float]]:
+        frames, times = [], []
+
+        def take(frame, t):
+            if not times or times[-1] != t:
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(t)
+
+        j = 0
+        while j < len(targets):
+            if self.prev_t is not None and targets[j] - self.prev_t > self.seek_gap:
+                self._seek(targets[j])
+            got = self._next()
+            if got is None:
+                break
+            frame, t = got
+            while j < len(targets) and t >= targets[j]:
+                keep_prev = self.prev is not None and targets[j] - self.prev_t <= t - targets[j]
+                take(*((self.prev, self.prev_t) if keep_prev else (frame, t)))
+                j += 1
+            self._advance(frame, t)
+        if j < len(targets) and self.prev is not None:
+            take(self.prev, self.prev_t)  # targets past the last frame get the last frame
+        return frames, times
+
+    def decoded_end(self, duration: float) -> float:
+        """Where the decodable frames end: decode on to the last frame (seeking near the end first)."""
+        if self.prev_t is not None and duration - self.prev_t > self.seek_gap:
+            self._seek(duration - self.seek_gap)
+        while (got := self._next()) is not None:
+            self._advance(*got)
+        return 0.0 if self.prev_t is None else self.prev_t + self.step

@@ -80,6 +80,30 @@ def test_cfr_cap_backends_agree(videos):
     assert np.abs(a.frames.astype(int) - b.frames).max() <= 2
 
 
+def test_pyav_seeking_matches_full_decode(tmp_path, monkeypatch):
+    import data.video as video_mod
+
+    frames = moving_square_frames(192, 32, 32, seed=4)  # 24 s at 8 fps, a keyframe every second
+    path = write_video(tmp_path / "long.mp4", frames, FPS, gop=8)
+    seeks = []
+    real_seek = video_mod._NearestFrameSampler._seek
+    monkeypatch.setattr(video_mod._NearestFrameSampler, "_seek", lambda self, t: (seeks.append(t), real_seek(self, t)))
+    sparse = dict(fps=0.25, max_frames=32, backend="pyav")
+    seeking = decode_video(path, SamplingConfig(seek_gap_s=1.0, **sparse))
+    assert len(seeks) >= 6  # one per target after the first, and one for the end check
+    full = decode_video(path, SamplingConfig(seek_gap_s=1000.0, **sparse))
+    grid = np.arange(192) / FPS
+    expected = [int(np.argmin(np.abs(grid - t))) for t in np.arange(6) * 4.0]
+    for got in (seeking, full):
+        np.testing.assert_allclose(got.timestamps, grid[expected], atol=1e-3)
+    np.testing.assert_array_equal(seeking.frames, full.frames)
+    np.testing.assert_array_equal(_which_written_frame(seeking.frames, frames)[0], expected)
+    # a cut file is still caught when the decoder jumps over most of it
+    truncated_copy(path, tmp_path / "cut.mp4", keep=0.7)
+    with pytest.raises(CorruptVideo):
+        decode_video(tmp_path / "cut.mp4", SamplingConfig(seek_gap_s=1.0, **sparse))
+
+
 def test_truncated_and_missing_are_corrupt(videos, tmp_path, monkeypatch):
     paths, _ = videos
     for backend in ("auto", "pyav", "decord"):
