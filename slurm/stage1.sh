@@ -3,17 +3,19 @@
 #
 #   sbatch slurm/stage1.sh                                   # on a cluster (edit #SBATCH below)
 #   bash slurm/stage1.sh                                     # this machine: its GPUs, or 2 CPU ranks
-#   CONFIG=configs/tiny/stage1.yaml RUN_DIR=runs/tiny1 EXTRA="schedule.steps=20" sbatch slurm/stage1.sh
+#   CONFIG=configs/tiny/stage1.yaml RUN_DIR=runs/tiny1 EXTRA="schedule.total_steps=20" sbatch slurm/stage1.sh
 #
 # Environment overrides (sbatch passes the submitting shell's environment to the job):
 #   CONFIG        stage YAML                        (default configs/stage1.yaml)
 #   RUN_DIR       run folder; a requeued or resubmitted job resumes from its `latest`
 #                                                   (default runs/stage1)
 #   EXPORT_DIR    where the finished model is exported for stage 2; empty = no export
-#                                                   (default $RUN_DIR/export)
+#                                                   (default exports/stage1, which
+#                 configs/stage2.yaml's init_from names)
 #   INIT_FROM     passed as init_from=... when set  (default: the config's own)
-#   EXTRA         more dotted overrides, space separated: "optim.lr=1e-4 data.batch_size=2"
-#   NODES         not read here: use `sbatch --nodes=N` (srun follows the allocation)
+#   EXTRA         more dotted overrides, space separated: "optimizer.lr=1e-4 data.batch_size=2"
+#   NODES         not an env variable: sbatch reads the #SBATCH lines before the script runs,
+#                 so pass `sbatch --nodes=N` (the ranks follow the allocation)
 #   MAX_ATTEMPTS  starts allowed from the same checkpoint step (default 3)
 #   MAMBAMIA, NPROC, CPU_PROCS, MASTER_PORT, EXIT_GRACE: see slurm/common.sh
 #
@@ -47,5 +49,5 @@ source "$MAMBAMIA_ROOT/slurm/common.sh" || exit 2
 
 CONFIG=${CONFIG:-$MAMBAMIA_ROOT/configs/stage1.yaml}
 RUN_DIR=${RUN_DIR:-runs/stage1}
-EXPORT_DIR=${EXPORT_DIR-$RUN_DIR/export}
+EXPORT_DIR=${EXPORT_DIR-exports/stage1}
 mm_run_stage

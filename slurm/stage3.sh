@@ -2,20 +2,21 @@
 # Stage 3 (long video): more frames per video, starting from stage 2's export.
 #
 #   sbatch slurm/stage3.sh                                   # on a cluster (edit #SBATCH below)
-#   sbatch --dependency=afterok:$STAGE2_JOB slurm/stage3.sh    # start when stage 2 succeeded
+#   sbatch --dependency=afterok:$STAGE2_JOB slurm/stage3.sh  # start when stage 2 succeeded
 #   bash slurm/stage3.sh                                     # this machine: its GPUs, or 2 CPU ranks
-#   CONFIG=configs/tiny/stage3.yaml RUN_DIR=runs/tiny3 EXTRA="schedule.steps=20" sbatch slurm/stage3.sh
+#   CONFIG=configs/tiny/stage3.yaml RUN_DIR=runs/tiny3 EXTRA="schedule.total_steps=20" sbatch slurm/stage3.sh
 #
 # Environment overrides (sbatch passes the submitting shell's environment to the job):
 #   CONFIG        stage YAML                        (default configs/stage3.yaml)
 #   RUN_DIR       run folder; a requeued or resubmitted job resumes from its `latest`
 #                                                   (default runs/stage3)
 #   EXPORT_DIR    where the finished model is exported for evaluation; empty = no export
-#                                                   (default $RUN_DIR/export)
-#   INIT_FROM     the export this stage starts from   (default runs/stage2/export;
-#                 empty = the config's own init_from)
-#   EXTRA         more dotted overrides, space separated: "optim.lr=1e-4 data.batch_size=2"
-#   NODES         not read here: use `sbatch --nodes=N` (srun follows the allocation)
+#                                                   (default exports/stage3)
+#   INIT_FROM     the export this stage starts from, passed as init_from=...
+#                 (default: the config's own, exports/stage2)
+#   EXTRA         more dotted overrides, space separated: "optimizer.lr=1e-4 data.batch_size=2"
+#   NODES         not an env variable: sbatch reads the #SBATCH lines before the script runs,
+#                 so pass `sbatch --nodes=N` (the ranks follow the allocation)
 #   MAX_ATTEMPTS  starts allowed from the same checkpoint step (default 3)
 #   MAMBAMIA, NPROC, CPU_PROCS, MASTER_PORT, EXIT_GRACE: see slurm/common.sh
 #
@@ -49,6 +50,5 @@ source "$MAMBAMIA_ROOT/slurm/common.sh" || exit 2
 
 CONFIG=${CONFIG:-$MAMBAMIA_ROOT/configs/stage3.yaml}
 RUN_DIR=${RUN_DIR:-runs/stage3}
-EXPORT_DIR=${EXPORT_DIR-$RUN_DIR/export}
-INIT_FROM=${INIT_FROM-runs/stage2/export}
+EXPORT_DIR=${EXPORT_DIR-exports/stage3}
 mm_run_stage
