@@ -17,6 +17,8 @@
 # the set and merges. Or merge by hand: `mambamia convert --merge-only OUT`.
 #
 # Environment overrides:
+#   ARRAY_SIZE    rerun single indices of a failed array with their original ranks:
+#                 ARRAY_SIZE=16 sbatch --array=3,7 slurm/extract.sh ... (array numbered from 0)
 #   NPROC         processes without SLURM (default: number of GPUs, else 1)
 #   MAMBAMIA      command that runs the CLI (see slurm/common.sh)
 # A time-limit warning (SIGUSR1) or preemption (SIGTERM) stops the ranks and requeues the job;
@@ -28,8 +30,8 @@
 #SBATCH --cpus-per-task=12
 #SBATCH --mem=0
 #SBATCH --time=12:00:00
-#SBATCH --output=%x-%A_%a.out
-#SBATCH --error=%x-%A_%a.out
+#SBATCH --output=%x-%j.out
+#SBATCH --error=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
@@ -68,7 +70,12 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     ntasks=${SLURM_NTASKS:-1}
     offset=0
     world=$ntasks
-    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ] && [ -n "${ARRAY_SIZE:-}" ]; then
+        # A rerun of some indices of an array submitted as --array=0-(ARRAY_SIZE-1).
+        [ "$SLURM_ARRAY_TASK_ID" -lt "$ARRAY_SIZE" ] || mm_die "array index $SLURM_ARRAY_TASK_ID >= ARRAY_SIZE=$ARRAY_SIZE"
+        offset=$((SLURM_ARRAY_TASK_ID * ntasks))
+        world=$((ntasks * ARRAY_SIZE))
+    elif [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
         offset=$(((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-0}) * ntasks))
         world=$((ntasks * ${SLURM_ARRAY_TASK_COUNT:-1}))
     fi
