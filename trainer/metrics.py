@@ -30,10 +30,12 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def train_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """6N for the matmuls of forward + backward plus the attention scores (PaLM appendix B).
+    """6N for the matmuls of forward + backward plus the attention scores (PaLM appendix B);
+    num_layers=0 gives the plain 6N of a module without attention.
 
     Counted as if every parameter trained: frozen layers still run their backward for activation
-    gradients, so this slightly overstates a stage-1 step, which keeps MFU comparable across stages.
+    gradients (but not their weight gradients), so a stage-1 step is overstated by up to a third;
+    the same formula in every stage keeps MFU comparable across stages.
     """
     return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
 

@@ -93,6 +93,8 @@ class StepResult:
     """LLM positions over all ranks: text plus spliced visual tokens."""
     visual_tokens: int
     samples: int
+    patch_tokens: int
+    """Frame patches the compressor read over all ranks (its FLOPs scale with these)."""
     data_wait_s: float
     keys: list[str]
     """Sample keys of this rank's micro-batches (for the non-finite report)."""
@@ -100,8 +102,8 @@ class StepResult:
 
 def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtype: torch.dtype) -> StepResult:
     skipped_before = engine.skipped_steps
-    # [loss sum, tokens, visual tokens, samples]: one all-reduce for all counters of the step.
-    totals = torch.zeros(4, dtype=torch.float64, device=info.device)
+    # [loss sum, tokens, visual tokens, samples, patches]: one all-reduce for the whole step.
+    totals = torch.zeros(5, dtype=torch.float64, device=info.device)
     wait, keys = 0.0, []
     engine.train()
     for _ in range(accum):
@@ -117,15 +119,18 @@ def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtyp
         spliced = out.attention_mask.sum()
         # Each sample's one <video> token is replaced by its visual tokens.
         visual = spliced - inputs["attention_mask"].sum() + batch_size
+        patches = inputs["frame_mask"].sum() * inputs["features"].shape[2]
         totals += torch.stack([out.loss.detach().double(), spliced.double(), visual.double(),
-                               torch.tensor(float(batch_size), dtype=torch.float64, device=info.device)])
+                               torch.tensor(float(batch_size), dtype=torch.float64, device=info.device),
+                               patches.double()])
     dist.all_reduce(totals)
     norm = engine.get_global_grad_norm()
     return StepResult(loss=totals[0].item() / (accum * info.world_size),
                       grad_norm=float(norm) if norm is not None else float("nan"),
                       skipped=engine.skipped_steps != skipped_before,
                       tokens=int(totals[1].item()), visual_tokens=int(totals[2].item()),
-                      samples=int(totals[3].item()), data_wait_s=wait, keys=keys)
+                      samples=int(totals[3].item()), patch_tokens=int(totals[4].item()),
+                      data_wait_s=wait, keys=keys)
 
 
 @torch.no_grad()
@@ -227,7 +232,8 @@ def run(cfg: RunConfig) -> int:
     metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=total_steps,
                             tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
     llm_cfg = model.llm.config
-    num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    numel = {name: sum(getattr(p, "ds_numel", p.numel()) for _, p in params)
+             for name, params in model.module_groups().items()}
     peak = peak_flops(info.device)
     batches = endless(loader)
     saved_step = step if client is not None else None
@@ -259,9 +265,13 @@ def run(cfg: RunConfig) -> int:
                            "nonfinite_steps": float(nonfinite), **bad_sample_counts(loader, info),
                            **memory_gb(info.device)}
                 if peak is not None:
+                    # The LLM (and the small projector) run over the spliced sequence, the
+                    # compressor over every frame patch; its short-range mixing has no quadratic term.
                     seq = result.tokens / result.samples
-                    flops = train_flops_per_token(num_params, llm_cfg.num_hidden_layers, llm_cfg.hidden_size, seq)
-                    scalars["mfu"] = flops * result.tokens / elapsed / (peak * info.world_size)
+                    flops = (train_flops_per_token(numel["llm"] + numel["projector"], llm_cfg.num_hidden_layers,
+                                                   llm_cfg.hidden_size, seq) * result.tokens
+                             + train_flops_per_token(numel["compressor"], 0, 0, 0) * result.patch_tokens)
+                    scalars["mfu"] = flops / elapsed / (peak * info.world_size)
                 metrics.log(step, scalars)
             metrics.progress(1, result.loss, result.samples / elapsed)
 
