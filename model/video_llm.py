@@ -96,7 +96,12 @@ class VideoLLM(nn.Module):
         else:
             self.register_parameter("frame_separator", None)
         if config.gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed gradient_checkpointing_enable (deprecated there, sole name in 4.x).
+            kwargs = {"use_reentrant": False}
+            if hasattr(llm, "activation_checkpointing_enable"):
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     @classmethod
     def build(cls, config: VideoLLMConfig) -> "VideoLLM":

@@ -181,10 +181,15 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     ckpt = VideoCompressor(tiny(gpa_dropout=0.0, gradient_checkpointing=True)).train()
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(1, 5, 8, 12)
-    grads = []
+    grads, calls = [], []
     for m in (plain, ckpt):
+        count = [0]
+        # A pre-hook: the recompute stops early once it has what backward needs.
+        m.spatial.blocks[0].register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
         sum(t.pow(2).sum() for t in m(x).tokens).backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
+        calls.append(count[0])
+    assert calls == [1, 2]  # the checkpointed block is recomputed in backward
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, msg=name)
 
