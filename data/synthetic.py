@@ -49,7 +49,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float,
     with av.open(str(tmp), "w", options={"movflags": "faststart"}) as container:
         # No B-frames: with reordering, the mp4 muxer under-reports a variable-frame-rate stream's
         # duration, and every decoder would then disagree with the timestamps written here.
-        options = {"crf": str(crf), "bf": "0", **({"g": str(gop)} if gop else {})}
+        # With a gop, keyframes come exactly every `gop` frames: no extra ones at scene changes.
+        options = {"crf": str(crf), "bf": "0", **({"g": str(gop), "sc_threshold": "0"} if gop else {})}
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000), options=options)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = _TIME_BASE

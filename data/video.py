@@ -32,8 +32,9 @@ class SamplingConfig:
     (a truncated file whose index survived), reported as corrupt."""
     backend: str = "auto"
     """'auto' (decord, PyAV when decord is missing or fails on the file), 'decord' or 'pyav'."""
-    seek_gap_s: float = 10.0
-    """PyAV seeks instead of decoding through gaps longer than this between sampled times."""
+    seek_gap_s: float = 3.0
+    """PyAV seeks instead of decoding through gaps longer than this between sampled times (doubled
+    for the rest of a file whenever a seek lands before frames already decoded: sparse keyframes)."""
 
     def __post_init__(self):
         if not self.fps > 0:
@@ -180,12 +181,18 @@ class _NearestFrameSampler:
 
     def _next(self):
         """The next frame later than every frame seen so far, with its time; None at the end."""
+        backtracked = False
         for frame in self.decoder:
             if frame.pts is None:
                 continue
             t = float(frame.pts * frame.time_base) - self.start
             if self.prev_t is not None and t <= self.prev_t:
-                continue  # a backward seek lands on a keyframe we may already have passed
+                # The seek landed on a keyframe we had passed: keyframes are sparser than the gap
+                # between targets, so seeking re-decodes frames. Ask for longer gaps from now on.
+                if self.after_seek and not backtracked:
+                    self.seek_gap *= 2
+                    backtracked = True
+                continue
             return frame, t
         return None
 

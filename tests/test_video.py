@@ -98,6 +98,13 @@ def test_pyav_seeking_matches_full_decode(tmp_path, monkeypatch):
         np.testing.assert_allclose(got.timestamps, grid[expected], atol=1e-3)
     np.testing.assert_array_equal(seeking.frames, full.frames)
     np.testing.assert_array_equal(_which_written_frame(seeking.frames, frames)[0], expected)
+    # keyframes sparser than the targets: seeks land behind, the sampler backs off, same result
+    sparse_keys = write_video(tmp_path / "gop.mp4", frames, FPS, gop=96)
+    seeks.clear()
+    backed_off = decode_video(sparse_keys, SamplingConfig(seek_gap_s=1.0, **sparse))
+    assert 0 < len(seeks) < 6
+    np.testing.assert_allclose(backed_off.timestamps, grid[expected], atol=1e-3)
+    np.testing.assert_array_equal(_which_written_frame(backed_off.frames, frames)[0], expected)
     # a cut file is still caught when the decoder jumps over most of it
     truncated_copy(path, tmp_path / "cut.mp4", keep=0.7)
     with pytest.raises(CorruptVideo):
