@@ -118,10 +118,11 @@ class VideoCompressor(nn.Module):
     def forward(self, features: torch.Tensor,
                 frame_mask: torch.Tensor | None = None) -> CompressorOutput:
         c = self.config
-        if (features.dim() != 4 or features.shape[-1] != c.input_dim
+        if (features.dim() != 4 or features.shape[-1] != c.input_dim or features.shape[1] < 1
                 or c.patches_per_frame not in (None, features.shape[2])):
-            raise ValueError(f"compressor: features must be [B, F, {c.patches_per_frame or 'P'}, "
-                             f"{c.input_dim}], got {list(features.shape)}")
+            raise ValueError(f"compressor: features must be [B, F >= 1, "
+                             f"{c.patches_per_frame or 'P'}, {c.input_dim}], got "
+                             f"{list(features.shape)}")
         tokens, kept, scores = [], [], []
         for b in range(features.shape[0]):
             if frame_mask is None:

@@ -220,17 +220,24 @@ class VideoLLM(nn.Module):
                                     "folder written by VideoLLM.save_pretrained")
         config = VideoLLMConfig.from_dict(json.loads(cfg_path.read_text()))
         model = cls.build(dataclasses.replace(config, llm_path=str(folder / "llm")))
-        model.compressor.load_state_dict(_load(folder / "compressor.safetensors"))
+        model.load_modules(folder)
+        return model
+
+    def load_modules(self, folder: str | os.PathLike) -> None:
+        """Load compressor, projector and separator weights (strictly) from a saved folder; the
+        LLM is left as it is (a later stage builds it from `folder/llm` itself)."""
+        folder = Path(folder)
+        self.compressor.load_state_dict(_load(folder / "compressor.safetensors"))
         proj = _load(folder / "projector.safetensors")
         separator = proj.pop(SEPARATOR_KEY, None)
-        if (separator is None) != (model.frame_separator is None):
-            raise ValueError(f"{folder / 'projector.safetensors'}: frame_separator presence "
-                             f"disagrees with mambamia.json frame_separator={config.frame_separator}")
-        model.projector.load_state_dict(proj)
+        if (separator is None) != (self.frame_separator is None):
+            raise ValueError(f"{folder / 'projector.safetensors'}: holds "
+                             f"{'a' if separator is not None else 'no'} frame_separator but the "
+                             f"model has frame_separator={self.config.frame_separator}")
+        self.projector.load_state_dict(proj)
         if separator is not None:
             with torch.no_grad():
-                model.frame_separator.copy_(separator)
-        return model
+                self.frame_separator.copy_(separator)
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -124,6 +124,9 @@ def test_save_then_load_gives_the_same_logits(qwen, tmp_path):
     loaded = VideoLLM.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, am, feats, fm).logits, model(ids, am, feats, fm).logits)
+    bare = VideoLLM.build(config(qwen.config.llm_path, frame_separator=False))
+    with pytest.raises(ValueError, match="frame_separator"):
+        bare.load_modules(tmp_path / "export")
     # Saving again over an existing export replaces it.
     loaded.save_pretrained(tmp_path / "export")
     assert VideoLLM.from_pretrained(tmp_path / "export").config.video_token_id == model.config.video_token_id
