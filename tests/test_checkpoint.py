@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trainer import signals
-from trainer.checkpoint import CRASH_IN_SAVE_ENV, MARKER, Checkpointer, gather_client_state
+from trainer.checkpoint import MARKER, Checkpointer, gather_client_state
 from trainer.rng import get_rng_state, seed_everything, set_rng_state
 
 
@@ -159,26 +159,21 @@ def _assert_same_steps(log, ref, steps, *, world=2):
         assert log[s]["positions"] == [s] * world, s  # each rank's loader state restored
 
 
-def test_signal_stop_then_kill_in_save_then_resume(reference, tmp_path):
+def test_signal_on_one_rank_stops_both_then_resume_matches(reference, tmp_path):
+    """(A SIGKILL inside a save is exercised on the real trainer in tests/test_resume.py.)"""
     from tests.ckpt_worker import launch, read_log
 
-    ref_dir, ref = reference
+    _, ref = reference
     ckpt = Checkpointer(tmp_path)
     # Only rank 0 gets SIGUSR1 after step 3: both ranks must agree to save at 3 and exit 85.
     assert launch(tmp_path, 2, "--tag", "a", "--steps", "8", "--signal-at", "3") == [85, 85]
     assert ckpt.latest_step() == 3
     assert sorted(p.name for p in (ckpt.root / "3").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    # Resume; rank 0 is SIGKILLed inside the save of step 6, after DeepSpeed wrote its files.
-    codes = launch(tmp_path, 2, "--tag", "b", "--steps", "8", env={CRASH_IN_SAVE_ENV: "6"})
-    assert codes[0] == -signal.SIGKILL
-    assert ckpt.latest_step() == 4 and (ckpt.root / "6.partial").is_dir()
-    # Resume again: steps 5 and 6 are redone, and the whole sequence matches the reference.
-    assert launch(tmp_path, 2, "--tag", "c", "--steps", "8") == [0, 0]
-    assert not (ckpt.root / "6.partial").exists() and ckpt.complete_steps() == [6, 8]
+    assert launch(tmp_path, 2, "--tag", "b", "--steps", "8") == [0, 0]
+    assert ckpt.complete_steps() == [6, 8]
     _assert_same_steps(read_log(tmp_path, "a"), ref, range(1, 4))
-    _assert_same_steps({s: r for s, r in read_log(tmp_path, "b").items()}, ref, range(4, 7))
-    _assert_same_steps(read_log(tmp_path, "c"), ref, range(5, 9))
+    _assert_same_steps(read_log(tmp_path, "b"), ref, range(4, 9))
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(reference, tmp_path):

@@ -1,0 +1,138 @@
+"""Checkpoint save time beside writing the same bytes raw to the same disk, and resume time.
+
+    python bench/bench_checkpoint.py [--params 32e6] [--zero 2] [--repeats 5] [--dir DIR]
+
+One process, CPU, fp32, DeepSpeed ZeRO-`zero` with a torch AdamW (weights + master copy + two Adam
+moments). Each repeat times, in rotating order: `Checkpointer.save` (DeepSpeed serialisation, fsync
+of every file, marker, rename, `latest`); the same save with torch.save's per-record crc32 on
+(`Checkpointer(crc32=True)`); and the bytes of such a checkpoint written with plain `write` +
+`fsync` into the same folder (the floor any format has on this disk). Then a fresh engine is built
+and `Checkpointer.load` is timed. Medians are reported; ratio = save / raw (target <= 1.3).
+The last line is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Run as a plain script from a checkout: make the repository importable without an install.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _single_process_env() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port), DS_ACCELERATOR="cpu").items():
+        os.environ.setdefault(key, value)
+
+
+def _engine(params: int, zero: int):
+    import deepspeed
+
+    width = 1024
+    layers = max(1, round(params / (width * width + width)))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": zero},
+              "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    # One step so the optimizer holds its moments, as in any checkpoint taken during training.
+    loss = engine(torch.randn(1, width)).square().mean()
+    engine.backward(loss)
+    engine.step()
+    return engine, sum(p.numel() for p in model.parameters())
+
+
+def _write_raw(files: dict[str, bytes], folder: Path) -> float:
+    folder.mkdir()
+    started = time.perf_counter()
+    for name, data in files.items():
+        with open(folder / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=32e6)
+    parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", default=None, help="folder on the disk to measure (default: a temp dir)")
+    args = parser.parse_args()
+
+    _single_process_env()
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no JIT build
+    import deepspeed
+
+    from trainer.checkpoint import Checkpointer
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    work = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.dir))
+    engine, numel = _engine(int(args.params), args.zero)
+    ckpt = Checkpointer(work, keep_last=1)
+    with_crc = Checkpointer(work / "crc32", keep_last=1, crc32=True)
+    # The bytes a checkpoint of this engine consists of, for the raw writes (an untimed save).
+    ckpt.save(engine, 0, {"step": 0})
+    files = {p.name: p.read_bytes() for p in (ckpt.root / "0").iterdir() if p.is_file()}
+    total_bytes = sum(len(b) for b in files.values())
+    times: dict[str, list[float]] = {"save": [], "crc32": [], "raw": []}
+    loads = []
+
+    def timed(name: str, step: int) -> None:
+        started = time.perf_counter()
+        if name == "raw":
+            _write_raw(files, work / f"raw{step}")
+        else:
+            (ckpt if name == "save" else with_crc).save(engine, step, {"step": step})
+        times[name].append(time.perf_counter() - started)
+
+    try:
+        for step in range(1, args.repeats + 1):
+            # Rotate the order: a shared disk drifts, and whatever runs first meets other writeback.
+            names = ["save", "crc32", "raw"]
+            for name in names[step % 3:] + names[:step % 3]:
+                timed(name, step)
+            shutil.rmtree(work / f"raw{step}")
+            fresh, _ = _engine(int(args.params), args.zero)
+            started = time.perf_counter()
+            client = ckpt.load(fresh)
+            loads.append(time.perf_counter() - started)
+            assert client["step"] == step
+            del fresh
+        save_s, crc_s, raw_s = (statistics.median(times[k]) for k in ("save", "crc32", "raw"))
+        load_s = statistics.median(loads)
+        result = {"params": numel, "zero_stage": args.zero, "checkpoint_bytes": total_bytes,
+                  "repeats": args.repeats, "save_s": round(save_s, 4), "raw_write_s": round(raw_s, 4),
+                  "save_over_raw": round(save_s / raw_s, 3), "target_save_over_raw": 1.3,
+                  "save_crc32_s": round(crc_s, 4), "save_crc32_over_raw": round(crc_s / raw_s, 3),
+                  "resume_load_s": round(load_s, 4),
+                  "save_GBps": round(total_bytes / save_s / 1e9, 3),
+                  "raw_GBps": round(total_bytes / raw_s / 1e9, 3)}
+        print(f"checkpoint of {numel / 1e6:.1f}M params, {total_bytes / 1e6:.0f} MB: save {save_s:.3f} s, "
+              f"raw write {raw_s:.3f} s ({save_s / raw_s:.2f}x; with torch.save crc32 {crc_s / raw_s:.2f}x), "
+              f"resume {load_s:.3f} s")
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
