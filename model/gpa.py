@@ -127,7 +127,7 @@ class QueryStage(nn.Module):
             x = F.pad(x, (0, 0, 0, groups * self.k - t)).view(n_frames, groups, self.k, d)
             q = self.query.to(x.dtype).expand(n_frames, groups, 1, d)
             x = torch.cat([x, q], dim=2)  # [F, G, k+1, D]
-        per_frame = x[0].numel() // d if n_frames else 0
+        per_frame = x[0].numel() // d
         x = x.reshape(1, n_frames * per_frame, d)
         dts = []
         for block in self.blocks:
