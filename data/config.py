@@ -43,6 +43,10 @@ class DataConfig:
     """Records of a source seen before the limit is enforced (a single early bad record is noise)."""
     features_dtype: str = "float32"
     """dtype of the collated features; float16 halves the copies between workers and trainer."""
+    zero_copy: bool = False
+    """With workers: hand out features as views of the shared ring instead of copies. A view stays
+    valid until two more batches have been drawn (or the next epoch starts); set it when the
+    consumer uses a batch within its step (a training loop does)."""
     check_finite: bool = True
     """Reject records whose features hold NaN or inf (one fused pass per record)."""
     num_patches: int | None = None

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.collate import PreparedSample, collate, uniform_frame_indices
+from data.collate import DTYPES, FeatureRing, PreparedSample, collate, shared_empty, uniform_frame_indices
 from data.config import DataConfig, DataSource
 from data.records import BadRecord, ShardReader
 from data.text import record_conversations, tokenize_conversation
@@ -50,6 +50,7 @@ from data.text import record_conversations, tokenize_conversation
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _MAX_FALLBACK = 64
+ZERO_COPY_HOLD = 2  # batches a zero-copy view outlives; see DataConfig.zero_copy
 
 
 class Source:
@@ -134,22 +135,46 @@ class EpochPlan:
 
 
 class _BatchStream(IterableDataset):
-    """Builds this rank's batches `first, first+1, ...`; in worker w only those with index = w mod n."""
+    """Builds this rank's batches `first, first+1, ...`; in worker w only those with index = w mod n.
 
-    def __init__(self, loader: VideoLoader, plan: EpochPlan, start: int, num_batches: int):
-        self.loader, self.plan, self.start, self.num_batches = loader, plan, start, num_batches
+    Which epoch, from which offset and how many batches is read from `job`, a shared tensor the
+    trainer process sets before each iteration: the workers persist across epochs (no fork per
+    epoch) and still follow every `set_epoch` / `load_state_dict`.
+    """
+
+    def __init__(self, loader: VideoLoader, job: torch.Tensor, ring: FeatureRing | None):
+        self.loader, self.job, self.ring = loader, job, ring
+        self.plan: EpochPlan | None = None
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch, self.start, num_batches = (int(x) for x in self.job)
+        if self.plan is None or self.plan.epoch != epoch:
+            self.plan = self.loader.epoch_plan(epoch)
         cfg = self.loader.config
         reader = ShardReader(num_patches=cfg.num_patches, feature_dim=cfg.feature_dim,
                              check_finite=cfg.check_finite)
         try:
-            for b in range(worker, self.num_batches, workers):
-                yield (b, *self._build(b, reader, shared=info is not None))
+            for count, b in enumerate(range(worker, num_batches, workers)):
+                if info is None:
+                    yield (b, *self._build(b, reader, None), None)
+                    continue
+                slot = self.ring.acquire(worker, count) if self.ring is not None else None
+                batch, stats = self._build(b, reader, self._slot_alloc(slot))
+                feats, where = batch["features"], None
+                if slot is not None and feats.untyped_storage().data_ptr() == self.ring.storage.data_ptr():
+                    where = (slot, tuple(feats.shape), str(feats.dtype).removeprefix("torch."))
+                    del batch["features"]  # the trainer process maps the same pages
+                yield b, batch, stats, (slot, where)
         finally:
             reader.close()
+
+    def _slot_alloc(self, slot: int | None):
+        def alloc(shape, dtype):
+            view = self.ring.view(slot, shape, dtype) if slot is not None else None
+            return view if view is not None else shared_empty(shape, dtype)
+        return alloc
 
     def _prepare(self, position: int, reader: ShardReader) -> PreparedSample:
         loader, cfg = self.loader, self.loader.config
@@ -167,13 +192,13 @@ class _BatchStream(IterableDataset):
         return PreparedSample(head=head, source=loader.sources[s].path, input_ids=ids, labels=labels,
                               frame_idx=uniform_frame_indices(head.shape[0], cfg.max_frames))
 
-    def _collate(self, prepared: list[PreparedSample], reader: ShardReader, shared: bool):
+    def _collate(self, prepared: list[PreparedSample], reader: ShardReader, alloc):
         if not prepared:
             return {}, []
         return collate(prepared, reader, pad_id=self.loader.pad_id,
-                       features_dtype=self.loader.config.features_dtype, shared=shared)
+                       features_dtype=self.loader.config.features_dtype, alloc=alloc)
 
-    def _build(self, b: int, reader: ShardReader, shared: bool) -> tuple[dict, dict]:
+    def _build(self, b: int, reader: ShardReader, alloc) -> tuple[dict, dict]:
         loader = self.loader
         positions, padded = self.plan.rank_batch(self.start, b, loader.rank, loader.world_size,
                                                  loader.config.batch_size)
@@ -188,7 +213,7 @@ class _BatchStream(IterableDataset):
             except BadRecord as e:
                 bad[source, e.reason] = bad.get((source, e.reason), 0) + 1
                 log.debug("skipped %s", e)
-        batch, failures = self._collate(prepared, reader, shared)
+        batch, failures = self._collate(prepared, reader, alloc)
         for sample, e in failures:
             bad[sample.source, e.reason] = bad.get((sample.source, e.reason), 0) + 1
         repeats, fallback, attempts = int(padded), positions[-1], 0
@@ -198,7 +223,7 @@ class _BatchStream(IterableDataset):
                 raise RuntimeError(f"{attempts - 1} unreadable records in a row after epoch position "
                                    f"{positions[0]}: check the shards of {sorted(seen)}")
             try:
-                batch, _ = self._collate([self._prepare(fallback, reader)], reader, shared)
+                batch, _ = self._collate([self._prepare(fallback, reader)], reader, alloc)
             except BadRecord:
                 continue
             repeats += 1
@@ -241,6 +266,9 @@ class VideoLoader:
         self.bad: Counter = Counter()  # (source, reason) -> count
         self.repeats = 0
         self._plan: EpochPlan | None = None
+        self._ring: FeatureRing | None = None
+        self._pool: DataLoader | None = None
+        self._job = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, offset, batches
 
     @classmethod
     def from_config(cls, config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1) -> VideoLoader:
@@ -297,10 +325,10 @@ class VideoLoader:
         if epoch != self.epoch:
             self.epoch, self.offset = epoch, 0
 
-    def _epoch_plan(self) -> EpochPlan:
-        if self._plan is None or self._plan.epoch != self.epoch:
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
             self._plan = EpochPlan([s.size for s in self.sources], [s.weight for s in self.sources],
-                                   self.samples_per_epoch, self.config.seed, self.epoch)
+                                   self.samples_per_epoch, self.config.seed, epoch)
         return self._plan
 
     def _fingerprint(self) -> dict:
@@ -340,15 +368,63 @@ class VideoLoader:
                      self.config.batch_size, self.epoch, self.offset, self.samples_per_epoch)
 
     # -- iteration -----------------------------------------------------------------------------
-    def __iter__(self):
-        plan, start, num_batches = self._epoch_plan(), self.offset, len(self)
-        stream = _BatchStream(self, plan, start, num_batches)
+    def _feature_ring(self, plan: EpochPlan) -> FeatureRing | None:
+        """A ring sized from the first readable record's [P, D]; None if none is found."""
         cfg = self.config
-        if cfg.num_workers > 0:
-            source = DataLoader(stream, batch_size=None, num_workers=min(cfg.num_workers, num_batches) or 1,
-                                prefetch_factor=cfg.prefetch_factor, collate_fn=_as_is)
+        patches, dim = cfg.num_patches, cfg.feature_dim
+        if patches is None or dim is None:
+            reader = ShardReader(check_finite=False)
+            for position in range(min(plan.length, 16)):
+                s, index, _ = plan.item(position)
+                try:
+                    _, patches, dim = reader.head(*self.sources[s].locate(index)).shape
+                    break
+                except BadRecord:
+                    continue
+            reader.close()
+            if patches is None or dim is None:
+                return None
+        slot_bytes = cfg.batch_size * cfg.max_frames * patches * dim * DTYPES[cfg.features_dtype].itemsize
+        slots = cfg.prefetch_factor + 1 + (ZERO_COPY_HOLD if cfg.zero_copy else 0)
+        return FeatureRing(workers=cfg.num_workers, slots_per_worker=slots, slot_bytes=slot_bytes)
+
+    def _workers(self, plan: EpochPlan) -> DataLoader:
+        """The persistent worker pool, started on first use (forked: it shares the ring's pages)."""
+        if self._pool is None:
+            self._ring = self._feature_ring(plan)
+            stream = _BatchStream(self, self._job, self._ring)
+            self._pool = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
+                                    prefetch_factor=self.config.prefetch_factor, collate_fn=_as_is,
+                                    persistent_workers=True)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than when the loader is garbage-collected."""
+        self._pool = None
+
+    def _receive(self, source):
+        """(b, batch, stats) in order, features mapped from (or copied out of) the ring."""
+        held: list[int] = []
+        for b, batch, stats, (slot, where) in source:
+            if where is not None:
+                view = self._ring.view(slot, where[1], getattr(torch, where[2]))
+                batch["features"] = view if self.config.zero_copy else view.clone()
+            if slot is not None:
+                held.append(slot)
+                while len(held) > (ZERO_COPY_HOLD if self.config.zero_copy else 0):
+                    self._ring.release(held.pop(0))
+            yield b, batch, stats
+
+    def __iter__(self):
+        plan, start, num_batches = self.epoch_plan(self.epoch), self.offset, len(self)
+        self._job.copy_(torch.tensor([self.epoch, start, num_batches]))
+        if self.config.num_workers > 0:
+            pool = self._workers(plan)
+            if self._ring is not None:
+                self._ring.reset()  # also ends zero-copy views of the previous iteration
+            source = self._receive(iter(pool))
         else:
-            source = stream
+            source = (item[:3] for item in _BatchStream(self, self._job, None))
         for expected, (b, batch, stats) in enumerate(source):
             if b != expected:
                 raise RuntimeError(f"loader: batch {b} arrived where {expected} was due (DataLoader order)")

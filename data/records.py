@@ -146,6 +146,18 @@ def _parse_npy_header(probe: bytes, key: str) -> tuple[tuple[int, ...], np.dtype
     return tuple(shape), dtype, stream.tell()
 
 
+def _all_finite(x: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """float16 NaN/inf have all five exponent bits set. Integer ops on cache-sized chunks run at
+    memory speed, where np.isfinite on float16 converts every element (about 15x slower)."""
+    bits = x.reshape(-1).view(np.uint16)
+    scratch = np.empty(min(chunk, bits.size), dtype=np.uint16)
+    for start in range(0, bits.size, chunk):
+        part = bits[start: start + chunk]
+        if np.bitwise_and(part, 0x7C00, out=scratch[: part.size]).max() == 0x7C00:
+            return False
+    return True
+
+
 class ShardReader:
     """Reads record heads and feature frames; caches shard tables and open files per process."""
 
@@ -230,9 +242,7 @@ class ShardReader:
             if got != want:
                 raise BadRecord("truncated", f"{head.path}: {head.key} features end early")
             start = end
-        # One fused pass: a float32 sum of float16 values cannot overflow, so it is finite exactly
-        # when every element is.
-        if self.check_finite and not torch.isfinite(stage.sum(dtype=torch.float32)):
+        if self.check_finite and not _all_finite(stage.numpy()):
             raise BadRecord("nonfinite", f"{head.path}: {head.key} features hold NaN or inf")
         if stage is not out:
             out.copy_(stage)
