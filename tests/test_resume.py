@@ -132,9 +132,11 @@ def test_two_rank_checkpoint_continues_on_one_rank(tiny_root, oracle):
     assert launch(run, 1, *COMMON, target=_train, env={"MAMBAMIA_TINY": str(tiny_root)}) == [0]
     losses = _losses(run)
     assert sorted(losses) == [5, 6]
-    # Same weights, optimizer state and global batch size: the first resumed loss lies close to
-    # the 2-rank run's (the loader may deal the global batch to micro-batches in another order).
-    assert losses[5] == pytest.approx(expected[5], rel=0.2)
+    # Same weights, optimizer state and global batch: the losses follow the 2-rank run's. Not to
+    # 1e-6: one rank splits the same 4 samples into micro-batches differently, and the loss is a
+    # mean per micro-batch (measured: 6e-4 relative at step 5, 3e-6 at step 6).
+    for step in (5, 6):
+        assert losses[step] == pytest.approx(expected[step], rel=5e-3), step
     assert Checkpointer(run).info(STEPS)["world_size"] == 1
 
 
