@@ -283,6 +283,13 @@ def test_init_from_loads_the_previous_stage_export_into_this_stage_model(tiny_as
     # Stage 2's own recomputation flag, not the export's (transformers 5 renamed the attribute).
     assert getattr(model.llm, "is_activation_checkpointing", None) or model.llm.is_gradient_checkpointing
 
+    from trainer.config import ConfigError
+
+    wider = load_config(REPO_ROOT / "configs" / "tiny" / "stage2.yaml", ["model.compressor.hidden_size=48"])
+    with pytest.raises(ConfigError, match=r"^init_from: .*stage1 does not fit this stage's model section: ") as err:
+        build_model(wider)
+    assert "\n" not in str(err.value)
+
 
 def test_config_errors_exit_1_with_one_line(capsys, monkeypatch):
     from trainer.train import main

@@ -45,9 +45,7 @@ def build_model(cfg: RunConfig):
     With `init_from` the architecture still comes from this stage's `model` section (so a stage
     can switch on recomputation or keep more frames) and the LLM is read from `init_from/llm`.
     """
-    from safetensors.torch import load_file
-
-    from model.video_llm import SEPARATOR_KEY, VideoLLM
+    from model.video_llm import VideoLLM
 
     if cfg.init_from is None:
         return VideoLLM.build(cfg.model)
@@ -56,15 +54,11 @@ def build_model(cfg: RunConfig):
         if not (folder / name).exists():
             raise ConfigError(f"init_from: {folder / name} is missing; expected a `mambamia export` folder")
     model = VideoLLM.build(dataclasses.replace(cfg.model, llm_path=str(folder / "llm")))
-    model.compressor.load_state_dict(load_file(str(folder / "compressor.safetensors")))
-    projector = load_file(str(folder / "projector.safetensors"))
-    separator = projector.pop(SEPARATOR_KEY, None)
-    model.projector.load_state_dict(projector)
-    if (separator is None) != (model.frame_separator is None):
-        raise ConfigError(f"init_from: {folder} frame separator presence disagrees with model.frame_separator")
-    if separator is not None:
-        with torch.no_grad():
-            model.frame_separator.copy_(separator)
+    try:
+        model.load_modules(folder)
+    except (ValueError, RuntimeError) as err:  # shapes or the separator disagree with `model`
+        detail = " ".join(str(err).split())[:500]
+        raise ConfigError(f"init_from: {folder} does not fit this stage's model section: {detail}") from None
     return model
 
 
