@@ -1,8 +1,9 @@
 """Annotation files in the forms datasets publish them, normalised to one per-video item.
 
 Formats (JSON list or JSONL, one item per element/line; `auto` looks at the first item's fields):
-- `llava`: LLaVA-Video / ShareGPT: {"video", "conversations": [{"from": "human"|"gpt", "value"}]}.
-  The image/video placeholder becomes exactly one `<video>`, in the first human turn.
+- `llava`: LLaVA-Video / ShareGPT: {"video", "conversations": [{"from": "human"|"gpt", "value"}]}
+  (an optional leading "system" turn is kept). The image/video placeholder becomes exactly one
+  `<video>`, in the first human turn.
 - `videomme`: Video-MME rows {"videoID", "question", "options": ["A. ...", ...], "answer": "A",
   "duration", "task_type", "question_id"}, or one row per video with those in "questions".
 - `mlvu`: MLVU {"video", "question", "candidates": [...], "answer": <candidate text>,
@@ -152,29 +153,38 @@ def parse_file(path: str | Path, fmt: str = "auto",
 
 
 def _conversation(ctx: _Ctx, turns: Any, name: str) -> list[dict]:
+    """Validated ShareGPT turns: an optional system turn, then human/gpt alternating, human first."""
     if not isinstance(turns, list) or len(turns) < 2:
         raise ctx.fail(name, "a list of at least 2 turns", turns)
     out = []
-    for i, turn in enumerate(turns):
+    if isinstance(turns[0], dict) and turns[0].get("from") == "system":
+        if not isinstance(turns[0].get("value"), str):
+            raise ctx.fail(f"{name}[0].value", "a string", turns[0].get("value"))
+        out.append({"from": "system", "value": turns[0]["value"]})
+    first = len(out)
+    if len(turns) - first < 2:
+        raise ctx.fail(name, "a question and an answer after the system turn", turns)
+    for i in range(first, len(turns)):
+        turn = turns[i]
         if not isinstance(turn, dict):
             raise ctx.fail(f"{name}[{i}]", "an object with 'from' and 'value'", turn)
         role = _ROLES.get(turn.get("from"))
         if role is None:
             raise ctx.fail(f"{name}[{i}].from", f"one of {sorted(_ROLES)}", turn.get("from"))
-        expected_role = "human" if i % 2 == 0 else "gpt"
+        expected_role = "human" if (i - first) % 2 == 0 else "gpt"
         if role != expected_role:
             raise ctx.fail(f"{name}[{i}].from", f"'{expected_role}' (turns alternate, human first)", turn["from"])
         value = turn.get("value")
         if not isinstance(value, str):
             raise ctx.fail(f"{name}[{i}].value", "a string", value)
         count = sum(value.count(tag) for tag in _PLACEHOLDERS)
-        if count and (role == "gpt" or i > 0):
+        if count and i > first:
             raise ctx.fail(f"{name}[{i}].value", "the <video>/<image> placeholder only in the first human turn")
         if count > 1:
-            raise ctx.fail(f"{name}[0].value", f"one <video>/<image> placeholder, found {count}")
+            raise ctx.fail(f"{name}[{i}].value", f"one <video>/<image> placeholder, found {count}")
         out.append({"from": role, "value": value.replace("<image>", VIDEO_TOKEN)})
-    if VIDEO_TOKEN not in out[0]["value"]:
-        out[0]["value"] = f"{VIDEO_TOKEN}\n{out[0]['value']}"
+    if VIDEO_TOKEN not in out[first]["value"]:
+        out[first]["value"] = f"{VIDEO_TOKEN}\n{out[first]['value']}"
     return out
 
 

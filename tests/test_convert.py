@@ -34,13 +34,18 @@ def test_llava_conversations(tmp_path):
         {"id": "2", "video": "a/x.mp4", "conversations": [
             {"from": "user", "value": "Colour?"}, {"from": "assistant", "value": "Red."},
             {"from": "human", "value": "And then?"}, {"from": "gpt", "value": "Blue."}]},
+        {"id": "3", "video": "b.mp4", "conversations": [
+            {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Where? <video>"},
+            {"from": "gpt", "value": "Left."}]},
     ])
     items = parse_file(path)
-    assert [i.video for i in items] == ["a/x.mp4", "a/x.mp4"]
+    assert [i.video for i in items] == ["a/x.mp4", "a/x.mp4", "b.mp4"]
     assert items[0].conversations == [[{"from": "human", "value": "<video>\nWhat happens?"},
                                        {"from": "gpt", "value": "A circle moves."}]]
     assert items[1].conversations[0][0] == {"from": "human", "value": "<video>\nColour?"}
     assert [t["from"] for t in items[1].conversations[0]] == ["human", "gpt", "human", "gpt"]
+    assert items[2].conversations == [[{"from": "system", "value": "Be brief."},
+                                       {"from": "human", "value": "Where? <video>"}, {"from": "gpt", "value": "Left."}]]
 
 
 def test_videomme_flat_and_nested(tmp_path):
@@ -95,6 +100,10 @@ def test_mlvu_and_lvbench(tmp_path):
     ([{"key": "k", "qa": [{"question": "q\n(A) x\n(C) y", "answer": "A"}]}],
      True, "lvbench", r"line 1: field 'qa\[0\]\.question': expected option '\(B\)' next"),
     ([{"conversations": []}], True, "llava", r"line 1: field 'video': expected a str, got nothing"),
+    ([{"video": "x.mp4", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}]}],
+     True, "llava", r"line 1: field 'conversations\[1\]\.value': expected the <video>/<image> placeholder only in"),
+    ([{"video": "x.mp4", "conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "b"}]}],
+     True, "llava", r"line 1: field 'conversations': expected a question and an answer after the system turn"),
 ])
 def test_malformed_items_give_one_line_errors(tmp_path, records, jsonl, fmt, pattern):
     path = _write(tmp_path / "bad.jsonl", records, jsonl=jsonl)
