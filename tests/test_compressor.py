@@ -207,3 +207,20 @@ def test_config_round_trip_and_clear_errors():
         CompressorConfig(taa_layers=0)
     with pytest.raises(ValueError, match="features must be"):
         VideoCompressor(tiny(patches_per_frame=10))(torch.randn(1, 2, 8, 12))
+
+
+@pytest.mark.parametrize("kind", ["mambamia", "causal_mambamia"])
+def test_spatial_scan_spans_frames_and_causal_variant_never_looks_ahead(kind):
+    # One sequence per video (no reset per frame): editing frame 2 moves frame 0's anchors only
+    # through the backward scan, and a later frame always sees an earlier one.
+    torch.manual_seed(8)
+    stage = VideoCompressor(tiny(kind=kind)).eval().spatial
+    x = torch.randn(4, 8, 16)
+    edited = x.clone()
+    edited[2] += 1.0
+    before, _ = stage(x)
+    after, _ = stage(edited)
+    assert torch.equal(before[0], after[0]) == (kind == "causal_mambamia")
+    x0 = x.clone()
+    x0[0] += 1.0
+    assert not torch.allclose(stage(x0)[0][3], before[3])
