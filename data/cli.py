@@ -75,7 +75,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix", default="shard", help="shard file-name prefix (default 'shard')")
     g.add_argument("--shard-samples", type=int, default=1000, help="videos per shard at most (default 1000)")
     g.add_argument("--shard-bytes", type=int, default=1 << 30, help="bytes per shard at most (default 1 GiB)")
-    g.add_argument("--decode-workers", type=int, default=2, help="threads decoding ahead of the encoder")
+    g.add_argument("--decode-workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                   help="threads decoding ahead of the encoder (default: the CPUs this process may use, at most 8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = parser.add_argument_group("distribution")
     g.add_argument("--rank", type=int, help="this process's slice (default: SLURM_PROCID / array task, else 0)")

@@ -81,7 +81,8 @@ class Preprocess:
             out = (self.size["height"], self.size["width"])
         elif "shortest_edge" in self.size:
             s = self.size["shortest_edge"]
-            out = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+            # the long side is truncated, not rounded, as the image processors do
+            out = (s, max(1, int(w * s / h))) if h <= w else (max(1, int(h * s / w)), s)
         else:
             out = (h, w)
         if out != (h, w):

@@ -179,3 +179,10 @@ def test_clip_tower_drops_cls(tmp_path):
         ref = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:].numpy()
     assert ours.shape == (2, 16, 32)
     np.testing.assert_allclose(ours.astype(np.float32), ref, atol=0.02, rtol=0.01)
+    # shortest-edge resize then centre crop of a 48x72 frame, against the processor's PIL path
+    wide = moving_square_frames(2, 48, 72, seed=6)
+    pixels = CLIPImageProcessor.from_pretrained(tmp_path)(images=list(wide), return_tensors="pt")["pixel_values"]
+    mine = FrameEncoder(EncoderConfig(path=str(tmp_path))).preprocess(torch.from_numpy(wide))
+    assert mine.shape == pixels.shape == (2, 3, 32, 32)
+    diff = (mine - pixels).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.2  # bicubic in torch vs PIL: edge pixels differ a little
