@@ -57,6 +57,13 @@ def slurm_rank() -> tuple[int, int]:
     return rank, world
 
 
+def _usable_cpus() -> int:
+    # Under SLURM the task's CPU set, not the node's core count.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("frames")
     g.add_argument("--fps", type=float, default=1.0, help="frames per second to sample (default 1)")
@@ -75,7 +82,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix", default="shard", help="shard file-name prefix (default 'shard')")
     g.add_argument("--shard-samples", type=int, default=1000, help="videos per shard at most (default 1000)")
     g.add_argument("--shard-bytes", type=int, default=1 << 30, help="bytes per shard at most (default 1 GiB)")
-    g.add_argument("--decode-workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+    g.add_argument("--decode-workers", type=int, default=min(8, _usable_cpus()),
                    help="threads decoding ahead of the encoder (default: the CPUs this process may use, at most 8)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = parser.add_argument_group("distribution")
