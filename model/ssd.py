@@ -36,6 +36,12 @@ _FUSED: Callable | None = None
 _FUSED_RESOLVED = False
 _LOGGED_PATHS: set[str] = set()
 
+# The PyTorch path tiles time at min(chunk_size, this). chunk_size only sets the blocking (the result
+# is the same recurrence, tested), and on CPU the intra-chunk [l, s] work per token grows with the
+# tile while the loop over chunk states is cheap: 64 measured fastest for forward at headdim 64,
+# d_state 64 (bench/bench_ssd.py), about 2x faster than 256.
+REFERENCE_MAX_CHUNK = 64
+
 
 def _fused_kernel() -> Callable | None:
     """mamba_ssm's `mamba_chunk_scan_combined`, or None; imported once, reason logged once."""
@@ -137,13 +143,15 @@ def chunk_scan_reference(
     dt_limit: tuple[float, float] = (0.0, float("inf")),
     return_final_states: bool = False,
 ):
-    """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`."""
+    """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`.
+
+    Works in chunks of min(chunk_size, REFERENCE_MAX_CHUNK) time steps."""
     in_dtype = x.dtype
     cdt = torch.float64 if in_dtype == torch.float64 else torch.float32
     b, seqlen, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g  # heads per group
-    cs = chunk_size
+    cs = min(chunk_size, REFERENCE_MAX_CHUNK)
     nc = math.ceil(seqlen / cs)
     pad = nc * cs - seqlen
 
@@ -166,8 +174,11 @@ def chunk_scan_reference(
 
     # Heads split as (g, r) so B and C are shared by the r heads of a group without a copy.
     dA_cs = torch.cumsum(dt_c * A.to(cdt), dim=2)  # [b, c, cs, h]
-    dA_cs = dA_cs.permute(0, 1, 3, 2).reshape(b, nc, g, r, cs)  # [b, c, g, r, cs]
-    xdt = (x_c * dt_c[..., None]).reshape(b, nc, cs, g, r, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,cs,p]
+    # Contiguous head-major layouts: elementwise results inherit their inputs' strides, and the
+    # [l, s] buffers below must come out contiguous or every matmul on them copies them first.
+    dA_cs = dA_cs.permute(0, 1, 3, 2).reshape(b, nc, g, r, cs).contiguous()  # [b, c, g, r, cs]
+    xdt_tok = (x_c * dt_c[..., None]).reshape(b, nc, cs, g, r, p).transpose(2, 3)  # [b, c, g, s, r, p]
+    xdt = xdt_tok.permute(0, 1, 2, 4, 3, 5).contiguous()  # [b, c, g, r, s, p]
 
     if seq_idx is not None:
         # Padding joins each row's last sequence so it cannot reset the final state.
@@ -177,47 +188,55 @@ def chunk_scan_reference(
     causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # [l, s]
 
     # 1. Within a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_cs_l - dA_cs_s) dt_s x_s.
+    # The [.., l, s] decay is the largest buffer, so it is built in place (3 passes, not 5).
     keep = causal if seq_idx is None else causal & (seq[..., :, None] == seq[..., None, :])[:, :, None, None]
-    seg = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
-    decay_ls = torch.exp(torch.where(keep, seg, torch.full_like(seg, -math.inf)))
+    decay_ls = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
+    decay_ls = decay_ls.masked_fill_(~keep, -math.inf).exp_()
     scores = (C_c @ B_c.transpose(-1, -2))[:, :, :, None]  # [b, c, g, 1, l, s]
-    y = (scores * decay_ls) @ xdt  # [b, c, g, r, l, p]
+    y_diag = (scores * decay_ls) @ xdt  # [b, c, g, r, l, p]
+
+    # Steps 2-4 hold a group's states as one [n, r*p] matrix: its r heads share B and C, so each
+    # chunk's state build-up and read-out is one [cs, n] x [n, r*p] product, not r small ones.
+    dA_tok = dA_cs.transpose(-1, -2)  # [b, c, g, s, r]
 
     # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(dA_cs[..., -1:] - dA_cs)  # [b, c, g, r, s]
+    decay_to_end = torch.exp(dA_tok[..., -1:, :] - dA_tok)  # [b, c, g, s, r]
     if seq_idx is not None:
-        decay_to_end = decay_to_end * (seq == seq_end[..., None])[:, :, None, None].to(cdt)
-    chunk_states = (xdt * decay_to_end[..., None]).transpose(-1, -2) @ B_c[:, :, :, None]  # [b,c,g,r,p,n]
+        decay_to_end = decay_to_end * (seq == seq_end[..., None])[:, :, None, :, None].to(cdt)
+    weighted = (xdt_tok * decay_to_end[..., None]).reshape(b, nc, g, cs, r * p)
+    chunk_states = B_c.transpose(-1, -2) @ weighted  # [b, c, g, n, r*p]
 
-    # 3. Chunk to chunk: a sequential loop over L/chunk_size states (linear memory, no chunk x chunk
+    # 3. Chunk to chunk: a sequential loop over L/chunk states (linear memory, no chunk x chunk
     # segment-sum matrix); the state entering chunk c is what step 4 reads.
     chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, g, r]
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (seq_end == seq_prev)[:, :, None, None].to(cdt)
     if initial_states is None:
-        state = torch.zeros(b, g, r, p, n, dtype=cdt, device=x.device)
+        state = torch.zeros(b, g, n, r, p, dtype=cdt, device=x.device)
     else:
-        state = initial_states.to(cdt).reshape(b, g, r, p, n)
+        state = initial_states.to(cdt).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, r, p]
     states_in = []
-    for c in range(nc):
+    # unbind, not [:, c]: indexing in a loop makes backward materialise one full-size zero
+    # gradient per chunk (quadratic in L); unbind's backward stacks once.
+    for carry, new_state in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
         states_in.append(state)
-        carry = chunk_decay[:, c]
-        if seq_idx is not None:
-            carry = carry * (seq_end[:, c] == seq_prev[:, c])[:, None, None].to(cdt)
-        state = carry[..., None, None] * state + chunk_states[:, c]
-    prev_states = torch.stack(states_in, dim=1)  # [b, c, g, r, p, n]
+        state = torch.addcmul(new_state.reshape(b, g, n, r, p), carry[:, :, None, :, None], state)
+    prev_states = torch.stack(states_in, dim=1).reshape(b, nc, g, n, r * p)
 
     # 4. The incoming state read out at each position: y_l += exp(dA_cs_l) C_l . state_in.
-    decay_in = torch.exp(dA_cs)  # [b, c, g, r, l]
+    decay_in = torch.exp(dA_tok)  # [b, c, g, l, r]
     if seq_idx is not None:
-        decay_in = decay_in * (seq == seq_prev[..., None])[:, :, None, None].to(cdt)
-    y = y + (C_c[:, :, :, None] @ prev_states.transpose(-1, -2)) * decay_in[..., None]
+        decay_in = decay_in * (seq == seq_prev[..., None])[:, :, None, :, None].to(cdt)
+    y_off = (C_c @ prev_states).reshape(b, nc, g, cs, r, p)
+    y = torch.addcmul(y_diag.transpose(3, 4), y_off, decay_in[..., None])  # [b, c, g, l, r, p]
 
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
+    y = y.transpose(2, 3).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
     if D is not None:
-        y = y + x.to(cdt) * (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
+        y = torch.addcmul(y, x.to(cdt), D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
     if z is not None:
         y = y * F.silu(z.to(cdt))
     y = y.to(in_dtype)
     if return_final_states:
-        return y, state.reshape(b, h, p, n)
+        return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
     return y
 
