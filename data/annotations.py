@@ -69,13 +69,13 @@ class _Ctx:
         got_text = "" if got is _NOT_SHOWN else f", got {_short(got)}"
         return AnnotationError(f"{self.path}:{self.where}: field '{field_name}': expected {expected}{got_text}")
 
-    def get(self, record: dict, name: str, kind: type | tuple, *, optional: bool = False):
+    def get(self, record: dict, name: str, kind: type | tuple, *, optional: bool = False, prefix: str = ""):
         value = record.get(name)
         if value is None and optional:
             return None
         if isinstance(value, bool) or not isinstance(value, kind):
             names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.fail(name, f"a {names}", value)
+            raise self.fail(prefix + name, f"a {names}", value)
         return value
 
 
@@ -242,7 +242,7 @@ def _qa(*, id: Any, question: str, options: list[str], answer: int | None, type:
 
 def _videomme_question(ctx: _Ctx, q: dict, prefix: str) -> dict:
     options = strip_letters(ctx, q.get("options"), f"{prefix}options", prefixed=True)
-    return _qa(id=q.get("question_id"), question=ctx.get(q, "question", str), options=options,
+    return _qa(id=q.get("question_id"), question=ctx.get(q, "question", str, prefix=prefix), options=options,
                answer=answer_index(ctx, q.get("answer"), options, f"{prefix}answer"),
                type=q.get("task_type"), duration_bucket=q.get("duration"))
 
@@ -295,7 +295,8 @@ def _parse_lvbench(ctx: _Ctx, record: dict) -> list[VideoItem]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ctx.fail(f"qa[{i}]", "an object", entry)
-        question, options = _split_lvbench_question(ctx, ctx.get(entry, "question", str), f"qa[{i}].question")
+        text = ctx.get(entry, "question", str, prefix=f"qa[{i}].")
+        question, options = _split_lvbench_question(ctx, text, f"qa[{i}].question")
         qa.append(_qa(id=entry.get("uid"), question=question, options=options,
                       answer=answer_index(ctx, entry.get("answer"), options, f"qa[{i}].answer"),
                       type=entry.get("question_type"), time_reference=entry.get("time_reference")))

@@ -100,6 +100,8 @@ def test_mlvu_and_lvbench(tmp_path):
     ([{"key": "k", "qa": [{"question": "q\n(A) x\n(C) y", "answer": "A"}]}],
      True, "lvbench", r"line 1: field 'qa\[0\]\.question': expected option '\(B\)' next"),
     ([{"conversations": []}], True, "llava", r"line 1: field 'video': expected a str, got nothing"),
+    ([{"videoID": "v", "questions": [{"question": "q", "options": ["A. x", "B. y"]}, {"options": ["A. x", "B. y"]}]}],
+     False, "videomme", r"record 0: field 'questions\[1\]\.question': expected a str, got nothing"),
     ([{"video": "x.mp4", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}]}],
      True, "llava", r"line 1: field 'conversations\[1\]\.value': expected the <video>/<image> placeholder only in"),
     ([{"video": "x.mp4", "conversations": [{"from": "system", "value": "s"}, {"from": "gpt", "value": "b"}]}],
