@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--global-micro", type=int, default=2, help="micro-batches per step, all ranks")
     p.add_argument("--signal-at", type=int, default=0, help="rank 0 sends itself SIGUSR1 after it")
-    p.add_argument("--kill-at", type=int, default=0, help="rank 0 SIGKILLs itself after this step")
+    p.add_argument("--dump-final", default="", help="rank 0 saves the full trained weights here")
     args = p.parse_args(argv)
 
     import importlib
@@ -120,8 +120,6 @@ def main(argv: list[str]) -> int:
                 f.write(json.dumps({"step": step, "loss": summed.item() / (accum * world),
                                     "draws": [d[0] for d in draws],
                                     "positions": [d[1] for d in draws]}) + "\n")
-        if step == args.kill_at and rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
         if step == args.signal_at and rank == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
         stop = signals.should_stop()
@@ -131,6 +129,12 @@ def main(argv: list[str]) -> int:
                                                         config=vars(args)))
         if stop:
             return signals.REQUEUE_EXIT_CODE
+    if args.dump_final:
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):  # full tensors under ZeRO-3, else a no-op
+            if rank == 0:
+                torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()},
+                           args.dump_final)
     return 0
 
 

@@ -143,11 +143,13 @@ def test_stop_signal_sets_flag():
 # --------------------------------------------------------------------------- 2-rank DeepSpeed runs
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 2-rank ZeRO-2 run of 8 steps (checkpoints every 2, keeps 6 and 8)."""
+    """An uninterrupted 2-rank ZeRO-2 run of 8 steps (checkpoints every 2, keeps 6 and 8), which
+    also leaves its trained weights in final.pt."""
     from tests.ckpt_worker import launch, read_log
 
     run = tmp_path_factory.mktemp("reference")
-    assert launch(run, 2, "--tag", "ref", "--steps", "8") == [0, 0]
+    final = str(run / "final.pt")
+    assert launch(run, 2, "--tag", "ref", "--steps", "8", "--dump-final", final) == [0, 0]
     return run, read_log(run, "ref")
 
 
@@ -193,3 +195,15 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference, tmp_path):
         assert log[s]["draws"] == ref[s]["draws"][:1] and log[s]["positions"] == [s]
     assert ckpt.info(8)["world_size"] == 1
     assert json.loads((ckpt.root / "6" / MARKER).read_text())["world_size"] == 2
+
+
+def test_consolidated_weights_equal_trained_weights(reference):
+    from trainer.export import consolidated_state_dict
+
+    run, _ = reference
+    weights = consolidated_state_dict(run / "checkpoints" / "8")
+    trained = torch.load(run / "final.pt", weights_only=True)
+    # The frozen layer is not in the optimizer partitions: it must come back from the module state.
+    assert sorted(weights) == sorted(trained) and "frozen.weight" in weights
+    for name, value in trained.items():
+        assert torch.equal(weights[name], value), name

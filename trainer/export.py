@@ -22,7 +22,17 @@ import torch
 
 from trainer.checkpoint import Checkpointer
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
+# Rank 0's module state (and client state): ZeRO-0/1/2 write one file, ZeRO-3 one per rank.
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def read_model_states(folder: str | Path) -> dict:
+    """Rank 0's model-states file of a checkpoint folder: module state, client state."""
+    for name in MODEL_STATES:
+        if (Path(folder) / name).is_file():
+            return torch.load(Path(folder) / name, map_location="cpu", weights_only=False)
+    raise FileNotFoundError(f"{folder}: no {' or '.join(MODEL_STATES)}; expected a DeepSpeed "
+                            "checkpoint folder")
 
 
 def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -30,10 +40,7 @@ def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(folder)
-    states_file = folder / MODEL_STATES
-    if not states_file.is_file():
-        raise FileNotFoundError(f"{states_file}: missing; expected a DeepSpeed checkpoint folder")
-    saved = torch.load(states_file, map_location="cpu", weights_only=False)
+    saved = read_model_states(folder)
     # ZeRO-3 keeps empty placeholders in the module state; everything else there is a real tensor.
     merged = {k: v for k, v in saved["module"].items() if v.numel() > 0}
     if any(folder.glob("*optim_states.pt")):
@@ -45,7 +52,7 @@ def _run_config(folder: Path, run_dir: Path):
     """The resolved config the checkpoint was saved with (config.yaml of the run as a fallback)."""
     from trainer.config import RunConfig, build, load_config
 
-    saved = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=False)
+    saved = read_model_states(folder)
     if isinstance(saved.get("config"), dict):
         cfg = build(RunConfig, saved["config"], "")
         cfg.validate()
