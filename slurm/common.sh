@@ -75,6 +75,8 @@ mm_select_device() {
 mm_rendezvous() {
     if [ -n "${SLURM_JOB_ID:-}" ]; then
         MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+        # One node: loopback, which needs no name resolution (containers often lack their own).
+        [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && MASTER_ADDR=127.0.0.1
         # Same on every node without communication, different for jobs sharing a node; a
         # requeued job keeps its id and so its port (its previous processes are gone by then).
         MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
