@@ -167,17 +167,18 @@ class Mamba2Mixer(nn.Module):
                 conv(), dt_bias(), a_log(), skip_d(), norm())
 
     def forward(self, hidden_states: torch.Tensor, return_dt: bool = False):
-        """hidden_states [B, L, d_model] -> y [B, L, d_model], or (y, Δ [B, L, H]) where Δ (float32,
-        float64 for float64 inputs) is
-        softplus(dt + dt_bias) clamped to dt_limit; for the bidirectional mixer the mean of both
-        directions' Δ, each in original time order."""
+        """hidden_states [B, L, d_model] -> y [B, L, d_model], or (y, Δ [B, L, H]) with return_dt.
+
+        Δ = clamp(softplus(dt + dt_bias), *dt_limit) per head, float32 (float64 for float64
+        inputs); for the bidirectional mixer the mean of both directions' Δ in original time order.
+        """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Mixer: expected hidden_states [batch, seqlen, {self.d_model}], "
                              f"got {tuple(hidden_states.shape)}")
         zxbcdt = self.in_proj(hidden_states)  # [B, L, I + conv_dim + H]
         y = self._direction(zxbcdt, self.conv1d, self.dt_bias, self.A_log, self.D, self.norm)
         if self.bidirectional:
-            # The backward scan reads the same projections reversed in time (paper §5.1).
+            # The backward scan reads the same projections reversed in time (paper.md §5, item 1).
             y_b = self._direction(zxbcdt.flip(1), self.conv1d_b, self.dt_bias_b, self.A_b_log,
                                   self.D_b, self.norm_b)
             y = y + y_b.flip(1)
@@ -202,14 +203,15 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(A_log.to(_at_least_fp32(A_log.dtype)))  # [H]
         if FORCE_IMPL != "reference":
             fused = _fused_kernel()
-            if fused is not None and zxbcdt.is_cuda:
+            if fused is not None and zxbcdt.is_cuda and zxbcdt.dtype != torch.float64:
                 _log_once("fast", "Mamba2 mixer: mamba_ssm fused conv1d + SSD + gated norm kernel")
                 return fused(zxbcdt, conv1d.weight.squeeze(1), conv1d.bias, dt_bias, A, D, self.chunk_size,
                              dt_limit=self.dt_limit, activation="silu", rmsnorm_weight=norm.weight,
                              rmsnorm_eps=norm.eps, headdim=self.headdim, ngroups=self.ngroups,
                              norm_before_gate=norm.norm_before_gate)
             if FORCE_IMPL == "fast":
-                raise RuntimeError("model.mixer.FORCE_IMPL='fast' needs mamba_ssm + causal_conv1d and CUDA tensors")
+                raise RuntimeError("model.mixer.FORCE_IMPL='fast' needs mamba_ssm + causal_conv1d and "
+                                   "CUDA tensors of a 32-bit or 16-bit float dtype")
         _log_once("reference", "Mamba2 mixer: PyTorch conv1d + chunk_scan path")
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)

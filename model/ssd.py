@@ -92,13 +92,14 @@ def chunk_scan(
         raise ValueError(f"model.ssd.FORCE_IMPL: expected None, 'reference' or 'fast', got {FORCE_IMPL!r}")
     if FORCE_IMPL != "reference":
         kernel = _fused_kernel()
-        if kernel is not None and x.is_cuda:
+        if kernel is not None and x.is_cuda and x.dtype != torch.float64:  # Triton: no fp64 dots
             _log_once("fast", "SSD scan: mamba_ssm fused Triton kernel")
             return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                           initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
                           dt_limit=dt_limit, return_final_states=return_final_states)
         if FORCE_IMPL == "fast":
-            raise RuntimeError("model.ssd.FORCE_IMPL='fast' needs mamba_ssm importable and CUDA tensors")
+            raise RuntimeError("model.ssd.FORCE_IMPL='fast' needs mamba_ssm importable and CUDA "
+                               "tensors of a 32-bit or 16-bit float dtype")
     _log_once("reference", "SSD scan: chunked PyTorch path")
     return chunk_scan_reference(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                 initial_states=initial_states, seq_idx=seq_idx,
