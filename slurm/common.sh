@@ -2,9 +2,11 @@
 # SLURM's variables, one process per GPU (or 2 CPU processes), signal forwarding, requeue policy.
 #
 # Process model: ONE SLURM TASK PER GPU (srun starts every rank), not one torchrun per node.
-#  - SLURM delivers the early-warning signal to each task itself, so every rank sees USR1/TERM at
-#    once; torchrun does not forward SIGUSR1 (its default action kills the agent) and gives its
-#    workers a fixed grace period before SIGKILL on TERM, which a large checkpoint can outlast.
+#  - srun relays a signal to every task it started (the batch shell forwards the B:USR1 warning
+#    to srun; SLURM's own TERM reaches every task directly), so all ranks see it at once.
+#    torchrun has no SIGUSR1 handler (the default action kills the agent, orphaning the workers)
+#    and on TERM gives its workers a fixed grace period before SIGKILL, which a large checkpoint
+#    can outlast.
 #  - The exit code of srun is the ranks' own code, so "85 = checkpointed, requeue me" survives;
 #    torchrun reports any non-zero worker exit as 1.
 #  - A dead rank ends the step after EXIT_GRACE seconds (srun --wait) instead of hanging the
@@ -127,7 +129,7 @@ mm_wait_pid() {
 }
 
 # mm_launch CMD ARGS...: run CMD once per rank (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_* set);
-# returns the highest rank exit code.
+# returns 0 when all ranks finished, 85 when they checkpointed on a signal, else a failure code.
 mm_launch() {
     if [ -n "${SLURM_JOB_ID:-}" ]; then mm_launch_srun "$@"; else mm_launch_local "$@"; fi
 }
@@ -160,8 +162,9 @@ mm_launch_local() {
             mm_wait_pid "$pid"
             rc=$?
             done_rc[$pid]=$rc
-            ((rc > worst)) && worst=$rc
+            [ "$rc" = "$REQUEUE_EXIT_CODE" ] && [ "$worst" = 0 ] && worst=$rc
             if [ "$rc" != 0 ] && [ "$rc" != "$REQUEUE_EXIT_CODE" ] && [ -z "$deadline" ]; then
+                worst=$rc  # a crash outranks "requeue me": the run must not look resumable
                 deadline=$((SECONDS + ${EXIT_GRACE:-600}))
                 mm_log "rank with pid $pid failed (exit $rc): killing the others in ${EXIT_GRACE:-600} s"
             fi
