@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from data.annotations import FORMATS, AnnotationError, VideoItem, parse_file
-from data.convert import VIDEO_EXTS, ConvertConfig, convert, group_items, make_key, merge
+from data.convert import VIDEO_EXTS, ConvertConfig, convert, group_items, make_key, merge, total_summary
 from data.video import BACKENDS, SamplingConfig
 
 CONVERT_EXAMPLES = """\
@@ -125,22 +125,29 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
     if summary.failed:
         print(f"failures: {Path(args.out) / f'failures-r{rank:05d}.jsonl'}")
     if args.merge and rank == 0:
-        index = merge(args.out, world_size=world, wait_s=args.merge_wait, run_id=run_id, since=started)
-        print(f"index: {Path(args.out) / 'index.json'}: {len(index['shards'])} shards, "
-              f"{index['total_samples']} videos, {index['total_bytes'] / 1e6:.1f} MB")
+        index = merge(args.out, world_size=world, wait_s=args.merge_wait, run_id=run_id, since=started,
+                      progress=not args.no_progress)
+        _print_index(args.out, index)
     # Some failures are expected in any large dataset; only a slice with nothing converted, in this
     # run or an earlier one, is an error.
     return 1 if summary.ok + summary.skipped == 0 and summary.failed > 0 else 0
 
 
-def _merge_only(prog: str, out: str) -> int:
+def _merge_only(prog: str, out: str, progress: bool) -> int:
     try:
-        index = merge(out)
+        index = merge(out, progress=progress)
     except RuntimeError as err:
         return _fail(prog, str(err))
+    _print_index(out, index)
+    return 0
+
+
+def _print_index(out: str, index: dict) -> None:
+    total = total_summary(out)
+    if total is not None and total.world_size > 1:
+        print(total.line(f"all {total.world_size} ranks (last runs)"))
     print(f"index: {Path(out) / 'index.json'}: {len(index['shards'])} shards, "
           f"{index['total_samples']} videos, {index['total_bytes'] / 1e6:.1f} MB")
-    return 0
 
 
 def _fail(prog: str, message: str) -> int:
@@ -166,7 +173,7 @@ def convert_main(argv: list[str]) -> int:
     _common_args(parser)
     args = parser.parse_args(argv)
     if args.merge_only:
-        return _merge_only(parser.prog, args.merge_only)
+        return _merge_only(parser.prog, args.merge_only, not args.no_progress)
     if not args.annotations or not args.out or (args.videos is None) == (args.features is None):
         return _fail(parser.prog, "need --annotations, --out and exactly one of --videos / --features "
                                   "(or --merge-only OUT)")
@@ -208,7 +215,7 @@ def extract_main(argv: list[str]) -> int:
     _common_args(parser)
     args = parser.parse_args(argv)
     if args.merge_only:
-        return _merge_only(parser.prog, args.merge_only)
+        return _merge_only(parser.prog, args.merge_only, not args.no_progress)
     if not args.videos or not args.out or not args.encoder:
         return _fail(parser.prog, "need VIDEO_DIR, --out and --encoder (or --merge-only OUT)")
     root = Path(args.videos)

@@ -82,8 +82,9 @@ class Summary:
     bytes: int = 0
     seconds: float = 0.0
 
-    def line(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: ok {self.ok}, failed {self.failed}, "
+    def line(self, who: str | None = None) -> str:
+        who = who or f"rank {self.rank}/{self.world_size}"
+        return (f"{who}: ok {self.ok}, failed {self.failed}, "
                 f"skipped {self.skipped} (already done), samples {self.samples}, "
                 f"bytes {self.bytes} ({self.bytes / 1e6:.1f} MB), time {self.seconds:.1f} s")
 
@@ -326,7 +327,7 @@ def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: boo
 
 
 def merge(out_dir: str | Path, *, world_size: int | None = None, wait_s: float = 0.0,
-          run_id: str | None = None, since: float | None = None) -> dict:
+          run_id: str | None = None, since: float | None = None, progress: bool = False) -> dict:
     """Write index.json once every rank has finished.
 
     With world_size given, first waits up to `wait_s` for every rank's summary of this run: the
@@ -344,7 +345,25 @@ def merge(out_dir: str | Path, *, world_size: int | None = None, wait_s: float =
                 raise RuntimeError(f"{out_dir}: ranks {missing[:8]} have not finished this run (no "
                                    f"summary-rNNNNN.json); run `mambamia convert --merge-only {out_dir}` later")
             time.sleep(min(2.0, max(0.05, deadline - time.time())))
-    return write_index(out_dir)
+    return write_index(out_dir, progress=progress)
+
+
+def total_summary(out_dir: str | Path) -> Summary | None:
+    """The sum of every rank's last summary in `out_dir` (None when there is none)."""
+    parts = []
+    for path in sorted(Path(out_dir).glob("summary-r*.json")):
+        try:
+            parts.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    if not parts:
+        return None
+    total = Summary(rank=0, world_size=len(parts))
+    for part in parts:
+        for name in ("ok", "failed", "skipped", "samples", "bytes"):
+            setattr(total, name, getattr(total, name) + int(part.get(name, 0)))
+        total.seconds = max(total.seconds, float(part.get("seconds", 0.0)))
+    return total
 
 
 def _finished(path: Path, run_id: str | None, since: float | None) -> bool:

@@ -215,7 +215,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_index(out_dir: str | Path) -> dict:
+def write_index(out_dir: str | Path, *, progress: bool = False) -> dict:
     """Scan the complete shards of `out_dir` and write `index.json` atomically; returns the index.
 
     Run once every rank has finished: a leftover temporary shard means a rank is still writing (or
@@ -227,7 +227,12 @@ def write_index(out_dir: str | Path) -> dict:
         raise RuntimeError(f"{out_dir}: unfinished shards {partial[:3]}: rerun the ranks that "
                            "wrote them before merging")
     shards, seen = [], {}
-    for path in completed_shards(out_dir):
+    paths = completed_shards(out_dir)
+    if progress:  # checksumming terabytes of shards takes a while
+        from tqdm import tqdm
+
+        paths = tqdm(paths, desc="index shards", unit="shard")
+    for path in paths:
         keys = shard_keys(path)
         for key in keys:
             if key in seen:

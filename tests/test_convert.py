@@ -292,7 +292,10 @@ def test_feature_files_ranks_and_merge(tmp_path, capsys):
     assert convert_main(base + ["--rank", "0", "--merge", "--merge-wait", "0.2", "--run-id", "new"]) == 2
     assert "ranks [1] have not finished" in capsys.readouterr().err
     assert convert_main(base + ["--rank", "1", "--run-id", "new"]) == 0
+    capsys.readouterr()
     assert convert_main(base + ["--rank", "0", "--merge", "--merge-wait", "5", "--run-id", "new"]) == 0
+    # both ranks' last runs found their videos done (rank 0 converted before its failed merge)
+    assert "all 2 ranks (last runs): ok 0, failed 3, skipped 4" in capsys.readouterr().out
     index, records = _records(out)
     _check_index(out, index)
     assert {n["name"].split("-")[1] for n in index["shards"]} == {"r00000", "r00001"}
