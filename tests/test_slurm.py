@@ -43,6 +43,17 @@ pytestmark = [pytest.mark.slurm,
                                  reason="sbatch not found (bash .ci/setup_slurm.sh installs SLURM)")]
 
 
+_SUBMITTED: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cancel_leftovers():
+    """A failed assertion must not leave jobs holding the node for the tests that follow."""
+    yield
+    if _SUBMITTED:
+        subprocess.run(["scancel", *_SUBMITTED], capture_output=True, timeout=30)
+
+
 def job_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("CONFIG", "RUN_DIR", "EXPORT_DIR", "INIT_FROM", "EXTRA", "MAX_ATTEMPTS")}
@@ -56,7 +67,9 @@ def sbatch(script: str, log: Path, env: dict[str, str], *options: str, args: tup
                           str(SLURM / script), *args],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"sbatch {script} failed: {out.stderr}"
-    return out.stdout.strip().split(";")[0]
+    job_id = out.stdout.strip().split(";")[0]
+    _SUBMITTED.append(job_id)
+    return job_id
 
 
 def job_info(job_id: str) -> dict[str, str]:
@@ -155,6 +168,8 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_same_losses(stage_jobs):
     assert b["info"]["JobState"] == "COMPLETED", stage_jobs["all_logs"]
     assert int(b["info"]["Restarts"]) == 1, b["text"]
     assert "got SIGUSR1" in b["text"] and "requeueing job" in b["text"], b["text"]
+    # Both ranks stopped on the request (srun reports each task's non-zero exit).
+    assert all(f"task {rank}: Exited with exit code 85" in b["text"] for rank in (0, 1)), b["text"]
     resumed = re.search(r"resumed \S+ at step (\d+)", b["text"])
     assert resumed and 1 <= int(resumed.group(1)) < STEPS, b["text"]
     # The second attempt started from the checkpoint the first one wrote on the signal.
