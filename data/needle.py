@@ -47,6 +47,9 @@ class NeedleConfig:
     needle_s: float = 4.0
     """How long the needle shows. A few extraction samples long: enough to be seen, short enough
     for uniform subsampling to miss it."""
+    needle_side: float = 0.6
+    """Side of the needle square as a fraction of the frame: large, so that even a tiny random
+    vision encoder's patch features change clearly with its colour."""
     distractors: int = 4
     """Grey discs moving in every frame, so consecutive frames always differ."""
     seed: int = 0
@@ -57,7 +60,7 @@ def _render(cfg: NeedleConfig, rng: np.random.Generator, colour: tuple[int, int,
     """uint8 [T, H, W, 3] frames of one video."""
     n = int(round(cfg.duration_s * cfg.fps))
     size = cfg.size
-    t = np.arange(n) / cfg.fps
+    t = (np.arange(n) / cfg.fps).astype(np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     # dark background whose brightness pattern drifts slowly (a moving sine grating, grey only)
     phase = rng.uniform(0, 2 * np.pi)
@@ -75,8 +78,8 @@ def _render(cfg: NeedleConfig, rng: np.random.Generator, colour: tuple[int, int,
         inside = (yy[None] - pos[:, 0, None, None]) ** 2 + (xx[None] - pos[:, 1, None, None]) ** 2 < radius ** 2
         frames[inside] = grey
     # the needle: a large square of one saturated colour
-    side = int(0.45 * size)
-    y0, x0 = rng.integers(0, size - side, 2)
+    side = max(1, int(round(cfg.needle_side * size)))
+    y0, x0 = rng.integers(0, size - side + 1, 2)
     shown = (t >= start_s) & (t < start_s + cfg.needle_s)
     frames[shown, y0:y0 + side, x0:x0 + side] = colour
     return np.clip(frames, 0, 255).astype(np.uint8)
@@ -88,9 +91,19 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_needle_task(out_dir: str | Path, cfg: NeedleConfig, *, split: str,
+def _render_one(job: tuple[NeedleConfig, int, str, float, str]) -> None:
+    cfg, index, colour, start, path = job
+    # each video draws from its own stream, so the files do not depend on which worker made them
+    rng = np.random.default_rng([cfg.seed, index])
+    write_video(path, _render(cfg, rng, COLOURS[colour], start), cfg.fps)
+
+
+def write_needle_task(out_dir: str | Path, cfg: NeedleConfig, *, split: str, workers: int = 2,
                       progress: bool = True) -> dict[str, Path]:
-    """Render the split's videos and annotation files; returns their paths by role."""
+    """Render the split's videos (in `workers` processes) and its annotation files; returns their
+    paths by role."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -100,17 +113,25 @@ def write_needle_task(out_dir: str | Path, cfg: NeedleConfig, *, split: str,
     names = list(COLOURS)
     colours = [names[i % len(names)] for i in range(cfg.videos)]
     rng.shuffle(colours)
+    # keep the needle clear of both ends: first/last frames are always kept by the selector,
+    # which would make the task trivial for every sampling strategy
+    margin = 0.1 * cfg.duration_s
+    starts = rng.uniform(margin, cfg.duration_s - margin - cfg.needle_s, cfg.videos).tolist()
+    ids = [f"{split}_{i:04d}" for i in range(cfg.videos)]
+    jobs = [(cfg, i, colours[i], starts[i], str(video_dir / f"{ids[i]}.mp4")) for i in range(cfg.videos)]
+    bar = tqdm(total=cfg.videos, desc=f"render {split} videos", unit="video", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_render_one, jobs):
+                bar.update()
+    else:
+        for job in jobs:
+            _render_one(job)
+            bar.update()
+    bar.close()
     prompt = mcq_prompt(QUESTION, names)
     conversations, mcq, truth = [], [], []
-    for i in tqdm(range(cfg.videos), desc=f"render {split} videos", unit="video", disable=not progress):
-        video_id = f"{split}_{i:04d}"
-        # keep the needle clear of both ends: first/last frames are always kept by the selector,
-        # which would make the task trivial for every sampling strategy
-        margin = 0.1 * cfg.duration_s
-        start = float(rng.uniform(margin, cfg.duration_s - margin - cfg.needle_s))
-        frames = _render(cfg, rng, COLOURS[colours[i]], start)
-        path = video_dir / f"{video_id}.mp4"
-        write_video(path, frames, cfg.fps)
+    for i, video_id in enumerate(ids):
         answer = names.index(colours[i])
         rel = f"{split}/{video_id}.mp4"
         conversations.append({"id": video_id, "video": rel, "conversations": [
@@ -119,8 +140,8 @@ def write_needle_task(out_dir: str | Path, cfg: NeedleConfig, *, split: str,
         mcq.append({"video": rel, "duration": cfg.duration_s, "question": QUESTION,
                     "candidates": names, "answer": colours[i], "question_type": QUESTION_TYPE,
                     "question_id": video_id})
-        truth.append({"video_id": video_id, "colour": colours[i], "start_s": start,
-                      "end_s": start + cfg.needle_s})
+        truth.append({"video_id": video_id, "colour": colours[i], "start_s": starts[i],
+                      "end_s": starts[i] + cfg.needle_s})
     paths = {"videos": video_dir, "conversations": out_dir / f"{split}_conversations.json",
              "mcq": out_dir / f"{split}_mcq.json", "truth": out_dir / f"{split}_truth.json"}
     _write_json(paths["conversations"], conversations)
