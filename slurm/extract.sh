@@ -92,19 +92,11 @@ done_dir="$out/.ranks_done"
 mkdir -p "$done_dir" || mm_die "--out $out: cannot create $done_dir"
 for ((r = offset; r < offset + ntasks; r++)); do rm -f "$done_dir/$r-of-$world"; done
 
-# Each rank: its global rank from the launcher's LOCAL rank / SLURM_PROCID, its own GPU.
-rank_cmd='r=$((MM_RANK_OFFSET + ${SLURM_PROCID:-$RANK}))
-dev=(--device cpu); [ "$MM_HAS_GPU" = 1 ] && dev=(--device "cuda:${SLURM_LOCALID:-$LOCAL_RANK}")
+# Each rank: its global rank from the launcher's RANK (SLURM_PROCID under srun), its own GPU.
+rank_cmd='dev=(--device cpu); [ "$MM_HAS_GPU" = 1 ] && dev=(--device "cuda:$LOCAL_RANK")
 [ -n "${MM_USER_DEVICE:-}" ] && dev=()
-exec "$@" --rank "$r" --world-size "$MM_WORLD" "${dev[@]}"'
-if [ -n "${SLURM_JOB_ID:-}" ]; then
-    srun --kill-on-bad-exit=0 --wait="${EXIT_GRACE:-600}" ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-        bash -c "$rank_cmd" mm-rank "${MM_CLI[@]}" "$sub" "${args[@]}" &
-    MM_PIDS=($!)
-    mm_wait_pid "${MM_PIDS[0]}"
-else
-    mm_launch_local bash -c "$rank_cmd" mm-rank "${MM_CLI[@]}" "$sub" "${args[@]}"
-fi
+exec "$@" --rank "$((MM_RANK_OFFSET + RANK))" --world-size "$MM_WORLD" "${dev[@]}"'
+mm_launch bash -c "$rank_cmd" mm-rank "${MM_CLI[@]}" "$sub" "${args[@]}"
 rc=$?
 
 if [ -n "${MM_SIGNALLED:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
