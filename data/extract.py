@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +104,18 @@ class Preprocess:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """'auto': this process's GPU when there is one, else the CPU.
+
+    Several extraction tasks on one node each take the GPU of their local rank (LOCAL_RANK from
+    torchrun, SLURM_LOCALID from srun), not all of them GPU 0; a task that sees a single GPU
+    (SLURM's --gpus-per-task) uses it.
+    """
+    if name != "auto":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+    return torch.device("cuda", local % torch.cuda.device_count())
 
 
 class FrameEncoder:

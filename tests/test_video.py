@@ -186,3 +186,18 @@ def test_clip_tower_drops_cls(tmp_path):
     assert mine.shape == pixels.shape == (2, 3, 32, 32)
     diff = (mine - pixels).abs()
     assert diff.mean() < 0.01 and diff.max() < 0.2  # bicubic in torch vs PIL: edge pixels differ a little
+
+
+def test_auto_device_follows_local_rank(monkeypatch):
+    from data.extract import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("SLURM_LOCALID", "6")  # 8 tasks sharing a 4-GPU node
+    assert pick_device("auto") == torch.device("cuda", 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("auto") == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")
