@@ -120,3 +120,23 @@ def test_ablation_overrides_are_valid_configs(tmp_path, monkeypatch, override, f
     for stage in ("stage1.yaml", "stage2.yaml"):
         cfg = load_config(CONFIGS / stage, [override, "parallel.zero_stage=3", "model.compressor.keyframes=8"])
         assert getattr(cfg.model.compressor, field) == value
+
+
+def test_plot_reads_resumed_and_truncated_metrics(tmp_path):
+    from trainer.plots import curve, plot_runs, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # a run killed after logging step 3, resumed from step 2: steps 3 logged twice, the last
+    # line cut mid-write by a later kill
+    lines = ['{"step": 1, "loss": 4.0}', '{"step": 2, "loss": 3.0, "val/loss": 3.5}', '{"step": 3, "loss": 9.0}',
+             '{"step": 3, "loss": 2.0}', '{"step": 4, "loss": 1.0}', '{"step": 5, "lo']
+    (run / "metrics.jsonl").write_text("\n".join(lines))
+    rows = read_metrics(run / "metrics.jsonl")
+    assert curve(rows, "loss") == ([1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0])
+    assert curve(rows, "val/loss") == ([2], [3.5])
+    png = plot_runs({"run": run}, tmp_path / "plots" / "curves.png", events={"run": [(3, "resumed")]})
+    assert _png_size(png)[0] > 100 and not list(png.parent.glob(".*tmp*"))
+    (run / "metrics.jsonl").write_text("\n".join(["not json", *lines[:2]]))
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON object"):
+        read_metrics(run / "metrics.jsonl")

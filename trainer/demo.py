@@ -63,7 +63,7 @@ def _parse_args(argv: list[str]) -> DemoPlan:
     p.add_argument("--out", default="demo_out", help="output folder (default ./demo_out)")
     p.add_argument("--videos", type=int, default=None, help="training videos (default 64, quick 8)")
     p.add_argument("--steps", type=int, default=None,
-                   help="stage-2 optimizer steps; stage 1 gets half (default 120, quick 4)")
+                   help="stage-2 optimizer steps; stage 1 gets half (default 120, quick 6)")
     p.add_argument("--quick", action="store_true",
                    help="shortest run of every step: few short videos, a handful of steps")
     p.add_argument("--no-ablations", action="store_true", help="skip the uniform / avgpool runs")
@@ -72,7 +72,7 @@ def _parse_args(argv: list[str]) -> DemoPlan:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     videos = args.videos if args.videos is not None else (8 if args.quick else 64)
-    steps = args.steps if args.steps is not None else (4 if args.quick else 120)
+    steps = args.steps if args.steps is not None else (6 if args.quick else 120)
     if videos < 4 or steps < 2:
         p.error(f"--videos must be >= 4 and --steps >= 2, got {videos} and {steps}")
     return DemoPlan(out=Path(args.out).resolve(), videos=videos,
@@ -178,7 +178,7 @@ def train(desc: str, config: Path, overrides: list[str], run_dir: Path, log: Pat
                     if p.poll() is None:
                         p.kill()
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         codes = [p.wait() for p in procs]
         bar.n = _last_step(metrics)[0]
@@ -343,9 +343,10 @@ def run_demo(plan: DemoPlan) -> dict:
             export = _train_variant(name, plan, [*common, change], logs)
             results.append(_evaluate(name, export, plan, logs, truth))
 
-    png = plot_runs({"stage 1 (LLM frozen)": out / "runs" / "stage1",
-                     "stage 2 (all trainable; SIGUSR1 + resume)": out / "runs" / "stage2"},
-                    out / "plots" / "training_curves.png")
+    stage2 = "stage 2 (all trainable)"
+    png = plot_runs({"stage 1 (LLM frozen)": out / "runs" / "stage1", stage2: out / "runs" / "stage2"},
+                    out / "plots" / "training_curves.png",
+                    events={stage2: [(interruption["checkpoint_step"], "SIGUSR1: checkpoint, exit 85, resume")]})
     paths = {"shards": str(out / "shards"), "runs": str(out / "runs"), "exports": str(out / "exports"),
              "eval reports": str(out / "eval"), "training curves": str(png),
              "tensorboard": f"tensorboard --logdir {out / 'runs'}", "logs": str(logs),

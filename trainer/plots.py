@@ -48,8 +48,10 @@ def curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def plot_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
-    """Draw one panel per run folder (label -> folder with metrics.jsonl); atomic PNG write."""
+def plot_runs(runs: dict[str, str | Path], out_png: str | Path,
+              events: dict[str, list[tuple[int, str]]] | None = None) -> Path:
+    """Draw one panel per run folder (label -> folder with metrics.jsonl), with optional vertical
+    markers per panel (label -> [(step, text)], e.g. where a run was interrupted); atomic write."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +70,8 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path) -> Path:
             if vsteps:
                 ax.plot(vsteps, vvalues, "o--", label="validation loss", color="tab:orange")
                 break
+        for step, text in (events or {}).get(label, []):
+            ax.axvline(step, color="gray", linestyle=":", label=text)
         ax.set_title(label)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
