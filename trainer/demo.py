@@ -232,7 +232,8 @@ def _evaluate(name: str, export: Path, plan: DemoPlan, logs: Path, truth: Path) 
             "needle_frame_kept": _needle_kept(report, shards, truth), "report": str(out)}
 
 
-def _summary_lines(plan: DemoPlan, results: list[dict], paths: dict[str, str], seconds: float) -> list[str]:
+def _summary_lines(plan: DemoPlan, results: list[dict], interruption: dict, paths: dict[str, str],
+                   seconds: float) -> list[str]:
     lines = ["", "=" * 78, f"MambaMia demo finished in {seconds / 60:.1f} min", "",
              f"task: {plan.videos} training / {plan.eval_videos} held-out videos of {plan.duration_s:.0f} s, "
              f"{plan.frames} frames sampled, {plan.keyframes} kept; question: the needle's colour", "",
@@ -241,9 +242,12 @@ def _summary_lines(plan: DemoPlan, results: list[dict], paths: dict[str, str], s
         tokens = f"{r['visual_tokens_mean']:.0f} (max {r['visual_tokens_max']})"
         lines.append(f"{r['variant']:<22}{100 * r['accuracy']:>9.1f}%{100 * r['chance']:>7.0f}%"
                      f"{tokens:>14}{100 * r['needle_frame_kept']:>12.0f}%")
+    lines += ["", f"stage 2: SIGUSR1 after step {interruption['sent_after_step']} -> checkpoint at step "
+              f"{interruption['checkpoint_step']}, workers exited {interruption['exit_codes']} -> resumed "
+              f"to step {interruption['resumed_to']}"]
     lines += ["", "what ran: tiny tokenizer/LLM/SigLIP built locally -> needle videos rendered -> "
               f"mambamia convert -> stage 1 (ZeRO-{plan.zero_stage}, 2 processes) -> export -> stage 2 interrupted by "
-              "SIGUSR1, resumed -> export -> eval" + (" -> ablations (stage 2 each)" if plan.ablations else ""), ""]
+              "SIGUSR1, resumed -> export -> eval" + (" -> ablations (both stages each)" if plan.ablations else ""), ""]
     lines += [f"  {name:<22}{path}" for name, path in paths.items()]
     lines.append("=" * 78)
     return lines
@@ -355,7 +359,7 @@ def run_demo(plan: DemoPlan) -> dict:
     report = {"plan": {**asdict(plan), "out": str(plan.out), "eval_videos": plan.eval_videos},
               "results": results, "interruption": interruption, "paths": paths, "seconds": round(seconds, 1)}
     _write_json(out / "demo_report.json", report)
-    print("\n".join(_summary_lines(plan, results, paths, seconds)))
+    print("\n".join(_summary_lines(plan, results, interruption, paths, seconds)))
     return report
 
 
