@@ -285,3 +285,22 @@ def test_eval_command_on_tiny_model(tiny_assets, tmp_path):
         assert isinstance(p["output"], str)
         assert p["predicted"] == parse_letter(p["output"], [f"option {i}" for i in range(4)])
     assert gen_report["unparsed"] == sum(p["predicted"] is None for p in gen_report["predictions"])
+
+
+def test_unreadable_record_metadata_names_the_record(tmp_path):
+    import io
+    import tarfile
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    with tarfile.open(folder / "shard-r00000-000000.tar", "w") as tar:
+        for name, payload in (("v1.features.npy", b"\x93NUMPY"), ("v1.json", b"{not json")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (folder / "index.json").write_text(json.dumps({"shards": [{"name": "shard-r00000-000000.tar"}]}))
+    with pytest.raises(MalformedItem, match=r"shard-r00000-000000\.tar: record 'v1': v1\.json is not valid JSON"):
+        list(iter_records(folder))
+    (folder / "index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="index.json: missing"):
+        list(iter_records(folder))

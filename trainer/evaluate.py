@@ -268,7 +268,12 @@ def iter_records(shards_dir: str | Path, *, rank: int = 0, world_size: int = 1) 
             where = f"{shard}: record {key!r}"
             if "json" not in members or "features.npy" not in members:
                 raise MalformedItem(f"{where}: expected members {key}.json and {key}.features.npy, got {sorted(members)}")
-            meta = json.loads(tar.extractfile(members["json"]).read())
+            try:
+                meta = json.loads(tar.extractfile(members["json"]).read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise MalformedItem(f"{where}: {key}.json is not valid JSON ({err})") from None
+            if not isinstance(meta, dict):
+                raise MalformedItem(f"{where}: {key}.json: expected an object, got {type(meta).__name__}")
             qa = meta.get("qa", [])
             if not isinstance(qa, list):
                 raise MalformedItem(f"{where}: field 'qa': expected a list, got {type(qa).__name__}")
