@@ -107,19 +107,27 @@ def _fail(desc: str, log: Path, why: str) -> StepFailed:
     return StepFailed(f"{desc}: {why}; see {log}\n" + "\n".join("    " + line for line in tail))
 
 
-def run_command(desc: str, args: list[str], log: Path) -> None:
-    """One `mambamia ...` command in a subprocess, output to `log`, an elapsed-time bar meanwhile."""
-    log.parent.mkdir(parents=True, exist_ok=True)
+def run_commands(desc: str, jobs: list[tuple[list[str], Path]]) -> None:
+    """`mambamia ...` commands side by side in subprocesses (output to their logs), with an
+    elapsed-time bar; every one must exit 0."""
     bar = _bar(desc, None, "s")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
-        while proc.poll() is None:
-            bar.refresh()
-            time.sleep(0.5)
+    procs = []
+    for args, log in jobs:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "trainer.cli", *args], stdout=out,
+                                          stderr=subprocess.STDOUT, env=_env(), cwd=REPO))
+    while any(p.poll() is None for p in procs):
+        bar.refresh()
+        time.sleep(0.5)
     bar.close()
-    if proc.returncode != 0:
-        raise _fail(desc, log, f"exit code {proc.returncode}")
+    for proc, (_, log) in zip(procs, jobs):
+        if proc.returncode != 0:
+            raise _fail(desc, log, f"exit code {proc.returncode}")
+
+
+def run_command(desc: str, args: list[str], log: Path) -> None:
+    run_commands(desc, [(args, log)])
 
 
 def _last_step(metrics: Path) -> tuple[int, float | None]:
@@ -321,10 +329,11 @@ def run_demo(plan: DemoPlan) -> dict:
     tasks = _render(plan, out / "videos")
     convert = ["convert", "--videos", str(out / "videos"), "--encoder", str(out / "vision"),
                "--fps", f"{plan.frames / plan.duration_s:.6f}", "--max-frames", str(plan.frames), "--merge"]
-    run_command("convert train videos -> shards", [*convert, "--annotations", str(tasks["train"]["conversations"]),
-                                                   "--out", str(out / "shards" / "train")], logs / "convert_train.log")
-    run_command("convert held-out videos -> shards", [*convert, "--annotations", str(tasks["eval"]["mcq"]),
-                                                      "--out", str(out / "shards" / "val")], logs / "convert_val.log")
+    run_commands("convert videos -> feature shards", [
+        ([*convert, "--annotations", str(tasks["train"]["conversations"]), "--out", str(out / "shards" / "train")],
+         logs / "convert_train.log"),
+        ([*convert, "--annotations", str(tasks["eval"]["mcq"]), "--out", str(out / "shards" / "val")],
+         logs / "convert_val.log")])
 
     # one learning rate for both stages: the tiny stage-2 default (1e-3) needs more steps than a
     # laptop demo has to pick up the needle
