@@ -176,6 +176,13 @@ def launch(run_dir: Path, world: int, *args: str, target: Callable[[list[str]], 
     """
     import importlib
 
+    import torch
+
+    # A forked child inherits the parent's OpenMP runtime; one started with several threads
+    # deadlocks in the child. tests/conftest.py sets OMP_NUM_THREADS=1 before torch loads.
+    if torch.get_num_threads() != 1:
+        raise RuntimeError("launch() forks: start the parent with OMP_NUM_THREADS=1 "
+                           f"(it has {torch.get_num_threads()} threads)")
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

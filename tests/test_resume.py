@@ -67,13 +67,15 @@ def _train(argv: list[str]) -> int:
 
     train.build_engine, train.train_step = capture_engine, signalling_step
     rc = train.main([CONFIG, f"run_dir={run_dir}", *overrides])
-    if os.environ.get(LOGITS_ENV) and dist.get_rank() == 0:
-        module = captured["engine"].module  # ZeRO-2: every rank holds the full fp32 weights
+    if os.environ.get(LOGITS_ENV):
+        # Every rank runs the forward: under ZeRO-3 it gathers parameters from all of them.
+        module = captured["engine"].module
         module.eval()
         batch = _fixed_batch(module.tokenizer)
         with torch.no_grad():
             logits = module(**batch).logits
-        torch.save({"batch": batch, "logits": logits}, os.environ[LOGITS_ENV])
+        if dist.get_rank() == 0:
+            torch.save({"batch": batch, "logits": logits}, os.environ[LOGITS_ENV])
     return rc
 
 
