@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,10 @@ examples:
 A rerun after a kill skips the videos in complete shards and rewrites the unfinished one. Failures
 go to OUT/failures-rNNNNN.jsonl; the exit code is non-zero only when nothing could be converted.
 """
+
+# Exit code of a rank that stopped early on SIGUSR1/SIGTERM with its shards complete: the trainer's
+# requeue code, so slurm/ treats conversion and training alike.
+STOPPED_EXIT_CODE = 85
 
 EXTRACT_EXAMPLES = """\
 examples:
@@ -96,6 +101,25 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge-only", metavar="OUT", help="only write OUT/index.json from its complete shards")
 
 
+class _stop_on_signals:
+    """SIGUSR1 (time limit near) / SIGTERM (preemption) ask the conversion to stop between videos."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return lambda: self.requested
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print(f"got {signal.Signals(signum).name}: finishing the open shard, then stopping", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def _rank(args) -> tuple[int, int]:
     if args.rank is None and args.world_size is None:
         return slurm_rank()
@@ -120,10 +144,15 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
         encoder_name=getattr(args, "encoder_name", None) or (Path(args.encoder).name if args.encoder else "unknown"),
         layer=args.layer, prefix=args.prefix, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
         rank=rank, world_size=world, decode_workers=args.decode_workers, run_id=run_id)
-    summary = convert(items, config, progress=not args.no_progress, failures=failures)
+    with _stop_on_signals() as stop_requested:
+        summary = convert(items, config, progress=not args.no_progress, failures=failures,
+                          should_stop=stop_requested)
     print(summary.line())
     if summary.failed:
         print(f"failures: {Path(args.out) / f'failures-r{rank:05d}.jsonl'}")
+    if summary.interrupted:
+        print(f"stopped on request: shards so far are complete; rerun to continue (exit {STOPPED_EXIT_CODE})")
+        return STOPPED_EXIT_CODE
     if args.merge and rank == 0:
         index = merge(args.out, world_size=world, wait_s=args.merge_wait, run_id=run_id, since=started,
                       progress=not args.no_progress)

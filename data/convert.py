@@ -81,6 +81,8 @@ class Summary:
     """Conversations + questions in the records written."""
     bytes: int = 0
     seconds: float = 0.0
+    interrupted: bool = False
+    """Stopped early on request (SIGUSR1/SIGTERM): the shards written so far are complete."""
 
     def line(self, who: str | None = None) -> str:
         who = who or f"rank {self.rank}/{self.world_size}"
@@ -279,11 +281,12 @@ def summary_path(out_dir: Path, rank: int) -> Path:
 
 
 def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: bool = True,
-            failures: list[dict] | None = None) -> Summary:
+            failures: list[dict] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
     """Convert this rank's share of `items` (key -> item) into shards; returns the summary.
 
     `failures` may carry problems found before (skipped annotation records); they are counted and
-    written to this rank's failures file with the rest.
+    written to this rank's failures file with the rest. When `should_stop()` turns true the loop
+    ends before the next video and the open shard is completed, so a rerun redoes nothing.
     """
     start = time.time()
     out_dir = Path(config.out_dir)
@@ -301,6 +304,9 @@ def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: boo
         bar = tqdm(total=len(todo), desc=f"convert rank {config.rank}", unit="video", disable=not progress)
         work = _prefetch(lambda k: converter.prepare(items[k]), todo, config.decode_workers) if todo else []
         for key, prepared, error in work:
+            if should_stop is not None and should_stop():
+                summary.interrupted = True
+                break
             item = items[key]
             if error is None:
                 try:

@@ -4,7 +4,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ import torch
 from data.annotations import AnnotationError, parse_file
 from data.cli import convert_main, extract_main, slurm_rank
 from data.convert import make_key
+from data.shards import completed_shards, shard_keys
 from data.synthetic import moving_square_frames, truncated_copy, write_video
 from data.video import SamplingConfig, decode_video
 
@@ -370,42 +376,44 @@ def test_extract_command(dataset, tiny_assets, capsys):
         assert meta["conversations"] == [] and meta["qa"] == []
 
 
-def test_sigkill_mid_run_then_rerun(tmp_path):
-    """A real `mambamia convert` process killed with SIGKILL while a shard is open, then rerun."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+def _run_blocked_at_d(tmp_path):
+    """A real `mambamia convert` subprocess stuck mid-run: shard 0 (a, b) complete, shard 1 open
+    with c, and the read of d blocked on a FIFO until the test writes to it."""
     feats = tmp_path / "feats"
     feats.mkdir()
     arrays = {v: np.full((2, 3, 4), i, np.float16) for i, v in enumerate("abcde")}
     for v in "abce":
         np.save(feats / f"{v}.npy", arrays[v])
-    # Reading d blocks on a FIFO until the test writes to it: the process is stuck mid-run with
-    # shard 0 (a, b) complete and shard 1 (c) open, the state we kill it in.
     os.mkfifo(feats / "d.npy")
     ann = _write(tmp_path / "mlvu.json", [{"video": f"{v}.mp4", "question": "q", "candidates": ["x", "y"],
                                            "answer": "x"} for v in "abcde"])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "trainer.cli", "convert", "--annotations", str(ann), "--features", str(feats),
-           "--out", str(out), "--shard-samples", "2", "--decode-workers", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(__file__)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = ["--annotations", str(ann), "--features", str(feats), "--out", str(out), "--shard-samples", "2",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "convert", *args, "--decode-workers", "1"],
+                            cwd=os.path.dirname(os.path.dirname(__file__)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not ((out / "shard-r00000-000000.tar").exists() and (out / "shard-r00000-000001.tar.partial").exists()):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-2000:]
         time.sleep(0.05)
+    return proc, out, feats, arrays, args
+
+
+def _replace_fifo(feats, array):
+    (feats / "d.npy").unlink()
+    np.save(feats / "d.npy", array)
+
+
+def test_sigkill_mid_run_then_rerun(tmp_path):
+    proc, out, feats, arrays, args = _run_blocked_at_d(tmp_path)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not (out / "index.json").exists()
     first = (out / "shard-r00000-000000.tar").stat().st_mtime_ns
-    (feats / "d.npy").unlink()
-    np.save(feats / "d.npy", arrays["d"])
+    _replace_fifo(feats, arrays["d"])
 
-    assert convert_main(["--annotations", str(ann), "--features", str(feats), "--out", str(out),
-                         "--shard-samples", "2", "--merge", "--no-progress"]) == 0
+    assert convert_main(args + ["--merge"]) == 0
     assert (out / "shard-r00000-000000.tar").stat().st_mtime_ns == first
     assert not list(out.glob("*.partial"))
     index, records = _records(out)
@@ -415,3 +423,27 @@ def test_sigkill_mid_run_then_rerun(tmp_path):
     assert got.keys() == set("abcde")
     for v, f in got.items():
         np.testing.assert_array_equal(f, arrays[v])
+
+
+def test_sigterm_stops_between_videos_with_shards_complete(tmp_path):
+    """SIGTERM (what slurm/ forwards on preemption): the open shard is completed, exit code 85."""
+    proc, out, feats, arrays, args = _run_blocked_at_d(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    npy = io.BytesIO()
+    np.save(npy, arrays["d"])
+    with open(feats / "d.npy", "wb") as fifo:  # unblock the reader; d arrives after the stop request
+        fifo.write(npy.getvalue())
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 85
+    assert "stopped on request" in stdout.decode()
+    assert not list(out.glob("*.partial"))
+    assert [len(shard_keys(p)) for p in completed_shards(out)] == [2, 1]  # a, b | c
+    assert json.loads((out / "summary-r00000.json").read_text())["interrupted"] is True
+
+    _replace_fifo(feats, arrays["d"])
+    assert convert_main(args + ["--merge"]) == 0
+    index, records = _records(out)
+    _check_index(out, index)
+    assert [e["samples"] for e in index["shards"]] == [2, 1, 2]
+    assert {m["video_id"] for _, m in records.values()} == set("abcde")
