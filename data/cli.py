@@ -1,7 +1,8 @@
 """`mambamia convert` and `mambamia extract`: argument parsing around data.convert.
 
 Rank and world size come from --rank/--world-size, else from SLURM (SLURM_PROCID/SLURM_NTASKS,
-times SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT for job arrays), else 0/1.
+times SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT for job arrays), else 0/1. SIGUSR1/SIGTERM stop
+a rank between videos with its shards complete (exit 85, as the trainer), ready to be requeued.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ examples:
   mambamia convert --merge-only OUT
 
 A rerun after a kill skips the videos in complete shards and rewrites the unfinished one. Failures
-go to OUT/failures-rNNNNN.jsonl; the exit code is non-zero only when nothing could be converted.
+go to OUT/failures-rNNNNN.jsonl. Exit codes: 0 done (some failures allowed), 1 nothing could be
+converted, 2 bad arguments or annotations, 85 stopped by SIGUSR1/SIGTERM with its shards complete.
 """
 
 # Exit code of a rank that stopped early on SIGUSR1/SIGTERM with its shards complete: the trainer's
