@@ -48,6 +48,8 @@ examples:
   # a list of video paths (relative to /data/raw), 4-way job array
   sbatch --array=0-3 --wrap "mambamia extract /data/raw --list todo.txt --encoder ENC --out OUT"
   mambamia extract --merge-only OUT
+
+Reruns, failures and exit codes work as for `mambamia convert` (see its --help).
 """
 
 
