@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads on CPU; with 1, times are this thread's CPU seconds")
     parser.add_argument("--lengths", type=ints, default=[1024, 4096, 16384])
-    parser.add_argument("--naive-max-len", type=int, default=4096,
+    parser.add_argument("--naive-max-len", type=int, default=16384,
                         help="longest length the naive scan is run at; longer ones are extrapolated")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--headdim", type=int, default=64)

@@ -41,6 +41,8 @@ _LOGGED_PATHS: set[str] = set()
 # tile while the loop over chunk states is cheap: 64 measured fastest for forward at headdim 64,
 # d_state 64 (bench/bench_ssd.py), about 2x faster than 256.
 REFERENCE_MAX_CHUNK = 64
+# ... and runs the chunks in blocks of about this many time steps (see chunk_scan_reference).
+REFERENCE_BLOCK_TOKENS = 2048
 
 
 def _fused_kernel() -> Callable | None:
@@ -146,12 +148,12 @@ def chunk_scan_reference(
 ):
     """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`.
 
-    Works in chunks of min(chunk_size, REFERENCE_MAX_CHUNK) time steps."""
+    Works in chunks of min(chunk_size, REFERENCE_MAX_CHUNK) time steps, processed in blocks of
+    about REFERENCE_BLOCK_TOKENS steps that hand the state on from one block to the next."""
     in_dtype = x.dtype
     cdt = torch.float64 if in_dtype == torch.float64 else torch.float32
     b, seqlen, h, p = x.shape
     g, n = B.shape[2:]
-    r = h // g  # heads per group
     cs = min(chunk_size, REFERENCE_MAX_CHUNK)
     nc = math.ceil(seqlen / cs)
     pad = nc * cs - seqlen
@@ -172,25 +174,64 @@ def chunk_scan_reference(
     dt_c = chunked(dt)  # [b, c, cs, h]
     B_c = chunked(B.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
     C_c = chunked(C.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
+    seqs: tuple = (None, None, None)
+    if seq_idx is not None:
+        # Padding joins each row's last sequence so it cannot reset the final state.
+        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, nc, cs)
+        seq_end = seq[:, :, -1]  # [b, c]
+        seq_prev = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
+        seqs = (seq, seq_end, seq_prev)
+
+    if initial_states is None:
+        state = torch.zeros(b, g, n, h // g, p, dtype=cdt, device=x.device)
+    else:
+        state = initial_states.to(cdt).reshape(b, g, h // g, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, r, p]
+    # Blocks of chunks keep every intermediate at block size (cache-sized, and bounded memory for
+    # inference); split, not slicing in a loop, so backward concatenates gradients once.
+    per_block = max(1, REFERENCE_BLOCK_TOKENS // cs)
+    pieces = [t.split(per_block, dim=1) if t is not None else [None] * math.ceil(nc / per_block)
+              for t in (x_c, dt_c, B_c, C_c, *seqs)]
+    ys = []
+    for x_b, dt_b, B_b, C_b, seq_b, seq_end_b, seq_prev_b in zip(*pieces):
+        y_b, state = _scan_chunks(x_b, dt_b, A.to(cdt), B_b, C_b, state, seq_b, seq_end_b, seq_prev_b)
+        ys.append(y_b)
+    y = torch.cat(ys, dim=1)  # [b, c, g, cs, r, p]
+
+    y = y.transpose(2, 3).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
+    if D is not None:
+        y = torch.addcmul(y, x.to(cdt), D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(in_dtype)
+    if return_final_states:
+        return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # [b, g, n, r, p] -> [b, h, p, n]
+    return y
+
+
+def _scan_chunks(x_c, dt_c, A, B_c, C_c, state, seq, seq_end, seq_prev):
+    """Steps 1-4 of the chunked scan over consecutive chunks, from the state entering the first.
+
+    x_c [b, c, cs, h, p], dt_c [b, c, cs, h] (processed), A [h], B_c/C_c [b, c, g, cs, n],
+    state [b, g, n, r, p] (r = heads per group); seq/seq_end/seq_prev: chunk sequence ids or None.
+    Returns y [b, c, g, cs, r, p] and the state after the last chunk.
+    """
+    b, nc, cs, h, p = x_c.shape
+    g, n, r = state.shape[1], state.shape[2], state.shape[3]
+    cdt = x_c.dtype
 
     # Heads split as (g, r) so B and C are shared by the r heads of a group without a copy.
-    dA_cs = torch.cumsum(dt_c * A.to(cdt), dim=2)  # [b, c, cs, h]
+    dA_cs = torch.cumsum(dt_c * A, dim=2)  # [b, c, cs, h]
     # Contiguous head-major layouts: elementwise results inherit their inputs' strides, and the
     # [l, s] buffers below must come out contiguous or every matmul on them copies them first.
     dA_cs = dA_cs.permute(0, 1, 3, 2).reshape(b, nc, g, r, cs).contiguous()  # [b, c, g, r, cs]
     xdt_tok = (x_c * dt_c[..., None]).reshape(b, nc, cs, g, r, p).transpose(2, 3)  # [b, c, g, s, r, p]
     xdt = xdt_tok.permute(0, 1, 2, 4, 3, 5).contiguous()  # [b, c, g, r, s, p]
 
-    if seq_idx is not None:
-        # Padding joins each row's last sequence so it cannot reset the final state.
-        seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, nc, cs)
-        seq_end = seq[:, :, -1]  # [b, c]
-        seq_prev = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # [l, s]
-
     # 1. Within a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_cs_l - dA_cs_s) dt_s x_s.
     # The [.., l, s] decay is the largest buffer, so it is built in place (3 passes, not 5).
-    keep = causal if seq_idx is None else causal & (seq[..., :, None] == seq[..., None, :])[:, :, None, None]
+    keep = torch.ones(cs, cs, dtype=torch.bool, device=x_c.device).tril()  # [l, s]
+    if seq is not None:
+        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None, None]
     decay_ls = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
     decay_ls = decay_ls.masked_fill_(~keep, -math.inf).exp_()
     scores = (C_c @ B_c.transpose(-1, -2))[:, :, :, None]  # [b, c, g, 1, l, s]
@@ -202,20 +243,16 @@ def chunk_scan_reference(
 
     # 2. Each chunk's own contribution to the state at its end.
     decay_to_end = torch.exp(dA_tok[..., -1:, :] - dA_tok)  # [b, c, g, s, r]
-    if seq_idx is not None:
+    if seq is not None:
         decay_to_end = decay_to_end * (seq == seq_end[..., None])[:, :, None, :, None].to(cdt)
     weighted = (xdt_tok * decay_to_end[..., None]).reshape(b, nc, g, cs, r * p)
     chunk_states = B_c.transpose(-1, -2) @ weighted  # [b, c, g, n, r*p]
 
-    # 3. Chunk to chunk: a sequential loop over L/chunk states (linear memory, no chunk x chunk
+    # 3. Chunk to chunk: a sequential loop over chunk states (linear memory, no chunk x chunk
     # segment-sum matrix); the state entering chunk c is what step 4 reads.
     chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, g, r]
-    if seq_idx is not None:
+    if seq is not None:
         chunk_decay = chunk_decay * (seq_end == seq_prev)[:, :, None, None].to(cdt)
-    if initial_states is None:
-        state = torch.zeros(b, g, n, r, p, dtype=cdt, device=x.device)
-    else:
-        state = initial_states.to(cdt).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, r, p]
     states_in = []
     # unbind, not [:, c]: indexing in a loop makes backward materialise one full-size zero
     # gradient per chunk (quadratic in L); unbind's backward stacks once.
@@ -226,18 +263,7 @@ def chunk_scan_reference(
 
     # 4. The incoming state read out at each position: y_l += exp(dA_cs_l) C_l . state_in.
     decay_in = torch.exp(dA_tok)  # [b, c, g, l, r]
-    if seq_idx is not None:
+    if seq is not None:
         decay_in = decay_in * (seq == seq_prev[..., None])[:, :, None, :, None].to(cdt)
     y_off = (C_c @ prev_states).reshape(b, nc, g, cs, r, p)
-    y = torch.addcmul(y_diag.transpose(3, 4), y_off, decay_in[..., None])  # [b, c, g, l, r, p]
-
-    y = y.transpose(2, 3).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
-    if D is not None:
-        y = torch.addcmul(y, x.to(cdt), D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    y = y.to(in_dtype)
-    if return_final_states:
-        return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
-    return y
-
+    return torch.addcmul(y_diag.transpose(3, 4), y_off, decay_in[..., None]), state
