@@ -80,6 +80,9 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
                    help="at most this many frames per video, spread uniformly when fps asks for more (default 32)")
     g.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="video decoder: decord with PyAV fallback (auto), or only one of them")
+    g.add_argument("--decode-short-side", type=int, metavar="PIXELS",
+                   help="shrink frames while decoding so the shorter side is at most PIXELS (saves memory "
+                        "on 4K sources; the encoder resizes to its input either way). Default: full size")
     g = parser.add_argument_group("vision encoder")
     g.add_argument("--encoder", help="local folder of a SigLIP/CLIP vision model (with preprocessor_config.json)")
     g.add_argument("--layer", type=int, default=-2, help="hidden state to keep (default -2)")
@@ -143,7 +146,8 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
                                 batch_size=args.batch_size, device=args.device)
     config = ConvertConfig(
         out_dir=args.out, videos_root=videos_root, features_root=features_root,
-        sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames, backend=args.backend),
+        sampling=SamplingConfig(fps=args.fps, max_frames=args.max_frames, backend=args.backend,
+                                short_side=args.decode_short_side),
         encoder=encoder,
         encoder_name=getattr(args, "encoder_name", None) or (Path(args.encoder).name if args.encoder else "unknown"),
         layer=args.layer, prefix=args.prefix, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,

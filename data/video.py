@@ -32,6 +32,9 @@ class SamplingConfig:
     (a truncated file whose index survived), reported as corrupt."""
     backend: str = "auto"
     """'auto' (decord, PyAV when decord is missing or fails on the file), 'decord' or 'pyav'."""
+    short_side: int | None = None
+    """Resize while decoding so the shorter side is at most this (aspect kept): bounds the memory
+    of decoded 4K frames waiting for the encoder, which resizes to its own input anyway."""
     seek_gap_s: float = 3.0
     """PyAV seeks instead of decoding through gaps longer than this between sampled times (doubled
     for the rest of a file whenever a seek lands before frames already decoded: sparse keyframes)."""
@@ -43,6 +46,8 @@ class SamplingConfig:
             raise ValueError(f"sampling max_frames: expected >= 1, got {self.max_frames}")
         if not 0 < self.min_decoded_fraction <= 1:
             raise ValueError(f"sampling min_decoded_fraction: expected in (0, 1], got {self.min_decoded_fraction}")
+        if self.short_side is not None and self.short_side < 2:
+            raise ValueError(f"sampling short_side: expected >= 2 or None, got {self.short_side}")
         if not self.seek_gap_s > 0:
             raise ValueError(f"sampling seek_gap_s: expected > 0, got {self.seek_gap_s}")
         if self.backend not in BACKENDS:
@@ -69,6 +74,14 @@ def sample_timestamps(duration: float, fps: float, max_frames: int) -> np.ndarra
     if wanted <= max_frames:
         return np.arange(wanted) / fps
     return np.linspace(0.0, duration, max_frames, endpoint=False)
+
+
+def output_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """(height, width) after shrinking the shorter side to `short_side`; never enlarges."""
+    if short_side is None or min(height, width) <= short_side:
+        return height, width
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def nearest_frames(frame_times: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -114,6 +127,11 @@ def _decode_decord(path: Path, config: SamplingConfig) -> DecodedVideo:
     import decord
 
     reader = decord.VideoReader(str(path), num_threads=1)
+    if config.short_side is not None:
+        height, width = reader[0].shape[:2] if len(reader) else (0, 0)
+        out_h, out_w = output_size(height, width, config.short_side)
+        if (out_h, out_w) != (height, width):
+            reader = decord.VideoReader(str(path), num_threads=1, width=out_w, height=out_h)
     n = len(reader)
     if n == 0:
         raise CorruptVideo("no frames")
@@ -140,7 +158,8 @@ def _decode_pyav(path: Path, config: SamplingConfig) -> DecodedVideo:
         if duration is None:
             raise CorruptVideo("container reports no duration")
         targets = sample_timestamps(duration, config.fps, config.max_frames)
-        sampler = _NearestFrameSampler(container, stream, config.seek_gap_s)
+        size = output_size(stream.codec_context.height, stream.codec_context.width, config.short_side)
+        sampler = _NearestFrameSampler(container, stream, config.seek_gap_s, size)
         frames, times = sampler.sample(targets)
         decoded_end = sampler.decoded_end(duration)
     if not frames:
@@ -171,8 +190,9 @@ class _NearestFrameSampler:
     target, not every frame. Only chosen frames are converted to RGB.
     """
 
-    def __init__(self, container, stream, seek_gap: float):
+    def __init__(self, container, stream, seek_gap: float, size: tuple[int, int]):
         self.container, self.stream, self.seek_gap = container, stream, seek_gap
+        self.height, self.width = size
         self.start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         self.decoder = container.decode(stream)
         self.prev, self.prev_t = None, None
@@ -212,7 +232,7 @@ class _NearestFrameSampler:
 
         def take(frame, t):
             if not times or times[-1] != t:
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", width=self.width, height=self.height))
                 times.append(t)
 
         j = 0

@@ -78,6 +78,12 @@ def test_cfr_cap_backends_agree(videos):
     np.testing.assert_allclose(b.timestamps, grid[expected], atol=1e-3)
     np.testing.assert_array_equal(_which_written_frame(b.frames, frames["cfr"])[0], expected)
     assert np.abs(a.frames.astype(int) - b.frames).max() <= 2
+    # shrunk while decoding: 48x64 -> 24x32, close to a 2x2 average of the full-size frames
+    small = [decode_video(paths["cfr"], SamplingConfig(backend=k, short_side=24, **cfg)) for k in ("decord", "pyav")]
+    halved = a.frames.reshape(len(a.frames), 24, 2, 32, 2, 3).mean(axis=(2, 4))
+    for got in small:
+        assert got.frames.shape == (len(expected), 24, 32, 3)
+        assert np.abs(got.frames - halved).mean() < 4.0  # a neighbouring frame is ~30 away
 
 
 def test_pyav_seeking_matches_full_decode(tmp_path, monkeypatch):
