@@ -68,6 +68,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     (ckpt.root / "3.partial" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 10)
     (ckpt.root / "0").mkdir()
     (ckpt.root / "latest.tmp.123").write_text("3")
+    (ckpt.root / "latest_universal").write_text("3_universal.partial")
     unrelated = ckpt.root / "notes.txt"
     unrelated.write_text("user file")
     assert ckpt.latest_step() == 2
@@ -85,6 +86,18 @@ def test_save_of_existing_step_is_skipped(tmp_path):
     ckpt.save(FakeEngine(), 5, {"step": -1})
     assert (ckpt.root / "5" / MARKER).read_text() == before
     assert torch.load(ckpt.root / "5" / "state.pt", weights_only=False)["step"] == 5
+
+
+def test_step_folder_not_named_by_latest_is_replaced(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    _save(ckpt, 2)
+    _save(ckpt, 4)
+    # A crash between publishing 4 and updating `latest`: the run resumes at 2 and reaches 4 again.
+    (ckpt.root / "latest").write_text("2\n")
+    assert ckpt.latest_step() == 2
+    ckpt.save(FakeEngine(), 4, {"step": 44})
+    assert ckpt.latest_step() == 4
+    assert torch.load(ckpt.root / "4" / "state.pt", weights_only=False)["step"] == 44
 
 
 def test_keep_last_must_be_positive(tmp_path):

@@ -52,7 +52,10 @@ CRASH_IN_SAVE_ENV = "MAMBAMIA_TEST_CRASH_IN_SAVE"
 _UNIVERSAL_INFO_KEY = "universal_checkpoint_info"
 
 _STEP_DIR = re.compile(r"^(\d+)$")
-_OURS = re.compile(r"^(\d+)(\.partial|_universal|_universal\.partial)?$|^latest\.tmp\.\d+$")
+# Everything `_remove_leftovers` may delete: step folders and what saves, conversions (DeepSpeed's
+# converter writes `latest_universal`) and `latest` updates leave behind.
+_OURS = re.compile(r"^(\d+)(\.partial|_universal|_universal\.partial)?$|^latest\.tmp\.\d+$"
+                   r"|^latest_universal$")
 
 
 def _rank() -> int:
@@ -77,6 +80,12 @@ def _write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync(path)
 
 
 def _fsync(path: Path) -> None:
@@ -160,16 +169,23 @@ class Checkpointer:
                  if (m := _STEP_DIR.match(p.name)) and (p / MARKER).is_file()]
         return sorted(steps)
 
+    def _read_latest(self) -> str | None:
+        path = self.root / LATEST
+        return path.read_text().strip() if path.is_file() else None
+
     def latest_step(self) -> int | None:
-        """The step `latest` names, if its folder is complete; else the newest complete step."""
+        """The step `latest` names, if its folder is complete; else the newest complete step.
+
+        `latest` stays authoritative over newer complete folders: it is what a person edits to
+        roll a run back, and a folder it does not name may be from an abandoned trajectory.
+        """
         complete = self.complete_steps()
-        latest = self.root / LATEST
-        if latest.is_file():
-            text = latest.read_text().strip()
+        text = self._read_latest()
+        if text is not None:
             if text.isdigit() and int(text) in complete:
                 return int(text)
             log.warning("%s names %r, which is not a complete checkpoint; using the newest complete "
-                        "one instead", latest, text)
+                        "one instead", self.root / LATEST, text)
         return complete[-1] if complete else None
 
     def info(self, step: int) -> dict[str, Any]:
@@ -180,15 +196,19 @@ class Checkpointer:
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
         """Collective: every rank writes its part into `<step>.partial/`; rank 0 then publishes it."""
         final = self.root / str(step)
-        # Saving the same step twice (a stop signal right at a periodic save) would only rewrite
-        # identical state; every rank sees the same marker, so they skip together.
-        if (final / MARKER).is_file():
+        # Saving the step `latest` already names (a stop signal right at a periodic save) would
+        # only rewrite identical state; every rank reads the same two files, so all skip together.
+        if self._read_latest() == str(step) and (final / MARKER).is_file():
             _barrier()
             return final
         tag = f"{step}{PARTIAL_SUFFIX}"
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tag, ignore_errors=True)
+            # A folder of this step that `latest` does not name is stale: published by a run that
+            # crashed before updating `latest`, or left from a trajectory rolled back past it.
+            _remove_checkpoint(final)
+            _remove_checkpoint(self.root / f"{step}{UNIVERSAL_SUFFIX}")
         _barrier()
         state = {_UNIVERSAL_INFO_KEY: _universal_info(), **client_state}
         started = time.perf_counter()
@@ -202,10 +222,7 @@ class Checkpointer:
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(step) and _rank() == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if _rank() == 0:
-            # The marker must not reach the disk before the data it vouches for.
-            for path in (self.root / tag).rglob("*"):
-                if path.is_file():
-                    _fsync(path)
+            _fsync_files(self.root / tag)  # the data must be on disk before the marker vouches for it
             marker = {"step": step, "world_size": _world_size(),
                       "zero_stage": int(engine.zero_optimization_stage()),
                       "code_version": client_state.get("code_version") or code_version(),
@@ -276,7 +293,7 @@ class Checkpointer:
             m = _OURS.match(path.name)
             if m is None or path.name == LATEST:
                 continue
-            if path.is_file():  # a latest.tmp.<pid> from a crash between write and rename
+            if path.is_file():  # latest.tmp.<pid> (crash before its rename), latest_universal
                 path.unlink()
             elif m.group(2) in (PARTIAL_SUFFIX, f"{UNIVERSAL_SUFFIX}{PARTIAL_SUFFIX}") \
                     or not (path / MARKER).is_file():
@@ -304,6 +321,7 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
     ds_to_universal.main(args)
     # The converter also points a `latest_universal` file at its output; loads here name the tag.
     (dst.parent / "latest_universal").unlink(missing_ok=True)
+    _fsync_files(tmp)
     shutil.copy2(src / MARKER, tmp / MARKER)
     os.replace(tmp, dst)
     _fsync(dst.parent)
