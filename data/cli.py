@@ -108,7 +108,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--merge-only", metavar="OUT", help="only write OUT/index.json from its complete shards")
 
 
-class _stop_on_signals:
+class _StopOnSignals:
     """SIGUSR1 (time limit near) / SIGTERM (preemption) ask the conversion to stop between videos."""
 
     def __enter__(self):
@@ -152,7 +152,7 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
         encoder_name=getattr(args, "encoder_name", None) or (Path(args.encoder).name if args.encoder else "unknown"),
         layer=args.layer, prefix=args.prefix, shard_samples=args.shard_samples, shard_bytes=args.shard_bytes,
         rank=rank, world_size=world, decode_workers=args.decode_workers, run_id=run_id)
-    with _stop_on_signals() as stop_requested:
+    with _StopOnSignals() as stop_requested:
         summary = convert(items, config, progress=not args.no_progress, failures=failures,
                           should_stop=stop_requested)
     print(summary.line())
