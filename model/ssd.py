@@ -11,9 +11,10 @@ The recurrence, per batch b and head h (r = h's group for B and C):
 with s_{-1} = initial_states and s reset to 0 wherever seq_idx changes (packed sequences; the
 initial state belongs to sequence id 0, as in the kernel).
 
-The chunked form splits time into chunks of `chunk_size` and works chunk x chunk inside a chunk
-and chunk-to-chunk through a short sequential loop over chunk states, so memory grows linearly
-with L (the largest buffers are [b, L/chunk, h, chunk, chunk]).
+The chunked form splits time into chunks and works chunk x chunk inside a chunk and
+chunk-to-chunk through a short sequential loop over chunk states, so memory grows linearly with L:
+the largest buffers hold heads x chunk values per time step, and without autograd only one block
+of chunks (REFERENCE_BLOCK_TOKENS steps) is alive at a time.
 
 Run the tests: `python -m pytest tests/test_ssd.py -q`.
 """

@@ -21,8 +21,9 @@ pytestmark = [
 ]
 
 # Max |fused - reference| allowed, relative to max |reference|: the kernel keeps some operands in
-# the input dtype while our reference computes everything in float32.
-REL_TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
+# the input dtype (and its float32 dots may run as TF32) while our reference computes everything
+# in float32. A semantic mismatch shows as an error of order 1.
+REL_TOL = {torch.float32: 1e-2, torch.bfloat16: 5e-2}
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +92,21 @@ def test_fused_chunk_scan_matches_reference(ssd_combined, dtype):
         _report(f"{dtype} grad {name}", grads[name], grads_ref[name], dtype)
 
 
-def test_chunk_scan_dispatches_to_fused_kernel_on_cuda(ssd_combined):
+def test_chunk_scan_dispatches_to_fused_kernel_on_cuda(ssd_combined, monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return ssd_combined.mamba_chunk_scan_combined(*args, **kwargs)
+
+    monkeypatch.setattr(ssd, "_FUSED", spy)
+    monkeypatch.setattr(ssd, "_FUSED_RESOLVED", True)
     inputs = {k: v.detach() for k, v in _scan_inputs(torch.bfloat16, l=300).items()}
     seq_idx = torch.zeros(2, 300, dtype=torch.int32, device="cuda")
     seq_idx[:, 170:] = 1
     kw = dict(chunk_size=64, dt_softplus=True, seq_idx=seq_idx)
     got = ssd.chunk_scan(**inputs, **kw)
-    want = ssd_combined.mamba_chunk_scan_combined(**inputs, **kw)
-    assert torch.equal(got, want)
+    assert len(calls) == 1 and calls[0]["seq_idx"] is seq_idx
     _report("bf16 seq_idx y", got, ssd.chunk_scan_reference(**inputs, **kw), torch.bfloat16)
 
 
