@@ -162,8 +162,9 @@ mm_launch_local() {
             mm_wait_pid "$pid"
             rc=$?
             done_rc[$pid]=$rc
-            [ "$rc" = "$REQUEUE_EXIT_CODE" ] && [ "$worst" = 0 ] && worst=$rc
-            if [ "$rc" != 0 ] && [ "$rc" != "$REQUEUE_EXIT_CODE" ] && [ -z "$deadline" ]; then
+            [ "$rc" != 0 ] && [ "$worst" = 0 ] && worst=$rc
+            if [ "$rc" != 0 ] && [ "$rc" != "$REQUEUE_EXIT_CODE" ] && [ -z "$deadline" ] \
+                && ! { [ -n "${MM_SIGNALLED:-}" ] && [ "$rc" -gt 128 ]; }; then
                 worst=$rc  # a crash outranks "requeue me": the run must not look resumable
                 deadline=$((SECONDS + ${EXIT_GRACE:-600}))
                 mm_log "rank with pid $pid failed (exit $rc): killing the others in ${EXIT_GRACE:-600} s"
@@ -216,19 +217,25 @@ mm_requeue_or_finish() {
         mm_log "training finished (checkpoint step $step)"
         return 0
     fi
+    if [ -n "${MM_SIGNALLED:-}" ] && { [ "$rc" = $((128 + 10)) ] || [ "$rc" = $((128 + 15)) ]; }; then
+        # Killed by the forwarded USR1/TERM itself: the signal came before the ranks installed
+        # their handlers (still starting up). Nothing new was saved; resume from the last save.
+        mm_log "ranks ended by SIG$MM_SIGNALLED before they could checkpoint (exit $rc): treated as a stop request"
+        rc=$REQUEUE_EXIT_CODE
+    fi
     if [ "$rc" != "$REQUEUE_EXIT_CODE" ]; then
         mm_log "training failed with exit code $rc: not requeued (a real error; see the rank output above)"
         return "$rc"
     fi
     if [ -z "${SLURM_JOB_ID:-}" ]; then
-        mm_log "checkpointed at step $step after a stop signal; run the same command again to resume"
+        mm_log "stopped on a signal, checkpoint step $step; run the same command again to resume"
         return "$rc"
     fi
     if [ "$step" = "$MM_START_STEP" ] && [ "$MM_ATTEMPT" -ge "${MAX_ATTEMPTS:-3}" ]; then
         mm_log "not requeueing: attempt $MM_ATTEMPT of ${MAX_ATTEMPTS:-3} ended at the step it started from ($step)"
         return 1
     fi
-    mm_log "checkpointed at step $step: requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0} -> $((${SLURM_RESTART_COUNT:-0} + 1)))"
+    mm_log "stopped at checkpoint step $step: requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0} -> $((${SLURM_RESTART_COUNT:-0} + 1)))"
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         mm_log "scontrol requeue failed: resubmit this script with the same RUN_DIR to resume"
         return "$rc"
