@@ -6,7 +6,8 @@
 #
 #   bash .ci/setup_slurm.sh          # prints "[slurm] ready: ..." or why it could not start
 #
-# Exit status 0 = sbatch works; non-zero = SLURM unusable (the SLURM tests then skip).
+# Exit status 0 = the node is idle and takes jobs; non-zero = SLURM unusable. The SLURM tests skip
+# only where sbatch is missing: installed but not running, they fail and show why.
 set -uo pipefail
 
 say() { echo "[slurm] $*"; }
@@ -32,8 +33,8 @@ id munge >/dev/null 2>&1 || fail "the munge package did not create the 'munge' u
 install -d -o munge -g munge -m 0700 /etc/munge /var/lib/munge /var/log/munge
 install -d -o munge -g munge -m 0755 /run/munge
 if [ ! -s /etc/munge/munge.key ]; then
-    dd if=/dev/urandom of=/etc/munge/munge.key bs=1 count=1024 status=none \
-        || fail "could not write /etc/munge/munge.key"
+    (umask 077 && dd if=/dev/urandom of=/etc/munge/munge.key.tmp bs=1 count=1024 status=none \
+        && mv /etc/munge/munge.key.tmp /etc/munge/munge.key) || fail "could not write /etc/munge/munge.key"
 fi
 chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
 if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
