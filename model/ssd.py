@@ -44,6 +44,8 @@ _LOGGED_PATHS: set[str] = set()
 REFERENCE_MAX_CHUNK = 64
 # ... and runs the chunks in blocks of about this many time steps (see chunk_scan_reference).
 REFERENCE_BLOCK_TOKENS = 2048
+# exp(-80) ~ 2e-35 and exp(-700) ~ 1e-304: the last steps before exp leaves the normal range.
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 def _fused_kernel() -> Callable | None:
@@ -229,13 +231,16 @@ def _scan_chunks(x_c, dt_c, A, B_c, C_c, state, seq, seq_end, seq_prev):
     xdt = xdt_tok.permute(0, 1, 2, 4, 3, 5).contiguous()  # [b, c, g, r, s, p]
 
     # 1. Within a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_cs_l - dA_cs_s) dt_s x_s.
-    # The [.., l, s] decay is the largest buffer, so it is built in place (3 passes, not 5).
+    # The causal (and sequence) mask goes on the r-times smaller C.B scores. The [.., l, s] decay,
+    # the largest buffer, is built in place and clamped to [floor, 0] like the kernel's
+    # exp(min(., 0)): above the diagonal it is masked anyway, and below the floor exp leaves the
+    # normal float range, where it is ~8x slower and its value is nil next to the other terms.
     keep = torch.ones(cs, cs, dtype=torch.bool, device=x_c.device).tril()  # [l, s]
     if seq is not None:
-        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None, None]
+        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None]
+    scores = (C_c @ B_c.transpose(-1, -2)).masked_fill(~keep, 0.0)[:, :, :, None]  # [b, c, g, 1, l, s]
     decay_ls = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
-    decay_ls = decay_ls.masked_fill_(~keep, -math.inf).exp_()
-    scores = (C_c @ B_c.transpose(-1, -2))[:, :, :, None]  # [b, c, g, 1, l, s]
+    decay_ls = decay_ls.clamp_(min=_EXP_FLOOR[cdt], max=0.0).exp_()
     y_diag = (scores * decay_ls) @ xdt  # [b, c, g, r, l, p]
 
     # Steps 2-4 hold a group's states as one [n, r*p] matrix: its r heads share B and C, so each
