@@ -153,8 +153,8 @@ def test_float32_and_bfloat16_return_input_dtype():
 
 
 def test_memory_is_linear_in_length():
-    """Every intermediate saved for backward stays below L * chunk * heads elements; an L x L
-    buffer at L = 4096 would be 16x larger than that bound."""
+    """Every intermediate saved for backward stays within L * chunk * heads elements; a single
+    L x L buffer at L = 4096 would be 32x that bound."""
     L, h, cs = 4096, 2, 64
     sizes = []
 
@@ -168,7 +168,6 @@ def test_memory_is_linear_in_length():
         y = chunk_scan(**inputs, chunk_size=cs, dt_softplus=True)
     assert y.shape == (1, L, h, 2)
     assert sizes and max(sizes) <= L * cs * h
-    assert max(sizes) < L * L // 16
 
 
 def test_bad_shapes_raise_clear_errors():
