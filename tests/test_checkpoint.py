@@ -25,11 +25,12 @@ from trainer.rng import get_rng_state, seed_everything, set_rng_state
 class FakeEngine:
     """Writes what save_checkpoint is given, so tests can see which tag was loaded."""
 
-    def __init__(self):
+    def __init__(self, zero_stage: int = 0):
         self.loaded: list[str] = []
+        self.zero_stage = zero_stage
 
     def zero_optimization_stage(self):
-        return 0
+        return self.zero_stage
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is the Checkpointer's, written after the marker
@@ -98,6 +99,13 @@ def test_step_folder_not_named_by_latest_is_replaced(tmp_path):
     ckpt.save(FakeEngine(), 4, {"step": 44})
     assert ckpt.latest_step() == 4
     assert torch.load(ckpt.root / "4" / "state.pt", weights_only=False)["step"] == 44
+
+
+def test_resume_across_zero3_boundary_is_a_clear_error(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(FakeEngine(zero_stage=2), 3, {"step": 3})
+    with pytest.raises(RuntimeError, match="saved under ZeRO-2, this run uses ZeRO-3"):
+        ckpt.load(FakeEngine(zero_stage=3))
 
 
 def test_keep_last_must_be_positive(tmp_path):
@@ -199,14 +207,15 @@ def test_two_rank_checkpoint_resumes_on_one_rank(reference, tmp_path):
     ckpt.root.mkdir()
     shutil.copytree(ref_dir / "checkpoints" / "6", ckpt.root / "6")
     (ckpt.root / "latest").write_text("6\n")
-    # One rank with 2 micro-batches per step sees the same global batch as 2 ranks with one each.
-    assert launch(tmp_path, 1, "--tag", "one", "--steps", "8") == [0]
+    # One rank with 2 micro-batches per step sees the same global batch as 2 ranks with one each;
+    # it also switches from ZeRO-2 to ZeRO-1, which the same universal conversion handles.
+    assert launch(tmp_path, 1, "--tag", "one", "--steps", "8", "--zero", "1") == [0]
     log = read_log(tmp_path, "one")
     assert sorted(log) == [7, 8]
     for s in (7, 8):
         assert log[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-6, rel=0)
         assert log[s]["draws"] == ref[s]["draws"][:1] and log[s]["positions"] == [s]
-    assert ckpt.info(8)["world_size"] == 1
+    assert (ckpt.info(8)["world_size"], ckpt.info(8)["zero_stage"]) == (1, 1)
     assert json.loads((ckpt.root / "6" / MARKER).read_text())["world_size"] == 2
 
 

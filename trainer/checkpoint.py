@@ -249,7 +249,8 @@ class Checkpointer:
         """Collective: load the step `latest` names into `engine`; returns its client state.
 
         None when the run folder has no complete checkpoint. A checkpoint written by another
-        number of ranks goes through DeepSpeed's universal format (converted once, on rank 0).
+        number of ranks or under another ZeRO stage (0-2 among themselves; 3 only to 3) goes
+        through DeepSpeed's universal format (converted once, on rank 0, kept as `<step>_universal/`).
         """
         if _rank() == 0:
             self._remove_leftovers()
@@ -257,12 +258,21 @@ class Checkpointer:
         step = self.latest_step()
         if step is None:
             return None
-        saved_world = int(self.info(step)["world_size"])
-        if saved_world == _world_size():
+        info = self.info(step)
+        saved = (int(info["world_size"]), int(info["zero_stage"]))
+        now = (_world_size(), int(engine.zero_optimization_stage()))
+        if (saved[1] == 3) != (now[1] == 3):
+            # ZeRO-3 names and splits its model-state files per rank; DeepSpeed's universal load
+            # does not translate between that layout and the single file of stages 0-2.
+            raise RuntimeError(f"{self.root / str(step)}: saved under ZeRO-{saved[1]}, this run uses "
+                               f"ZeRO-{now[1]}; resume with zero stage {saved[1]}, or start a new run "
+                               "from an export of this one (`mambamia export`, then init_from)")
+        if saved == now:
             load_path, client = engine.load_checkpoint(str(self.root), tag=str(step))
         else:
-            log.warning("checkpoint %d was written by %d ranks, this run has %d: loading it through "
-                        "DeepSpeed's universal checkpoint format", step, saved_world, _world_size())
+            log.warning("checkpoint %d was written by %d ranks under ZeRO-%d, this run has %d under "
+                        "ZeRO-%d: loading it through DeepSpeed's universal checkpoint format",
+                        step, *saved, *now)
             load_path, client = self._load_universal(engine, step)
         if load_path is None:
             raise RuntimeError(f"{self.root / str(step)}: DeepSpeed could not load this checkpoint")
