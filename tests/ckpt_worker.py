@@ -1,7 +1,8 @@
 """A toy DeepSpeed training run driving trainer.checkpoint / trainer.signals, plus its launcher.
 
-Each rank runs `python tests/ckpt_worker.py RUN_DIR ...` with RANK/WORLD_SIZE/MASTER_* set by
-`launch()`. The model is a two-layer MLP whose first layer is frozen (ZeRO-1/2 checkpoints omit
+`launch(run_dir, world, *args)` forks `world` ranks, each calling `main([run_dir, *args])` with
+RANK/WORLD_SIZE/MASTER_* set (`python tests/ckpt_worker.py RUN_DIR ...` under torchrun runs the same
+worker). The model is a two-layer MLP whose first layer is frozen (ZeRO-1/2 checkpoints omit
 frozen parameters from the optimizer state, a case resumption must survive). Batches are a pure
 function of (step, global micro-batch index), so a 2-rank run and a 1-rank run with 2 micro-batches
 per step see the same global batch and can be compared loss for loss.
@@ -14,14 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import multiprocessing
 import signal
 import socket
-import multiprocessing
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
 
 def _batch(step: int, micro: int, dim: int = 8, rows: int = 4):
     import torch
