@@ -13,10 +13,10 @@ Every way a record can be bad raises `BadRecord(reason, detail)`; the loader cou
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -127,24 +127,45 @@ def _parse_meta(raw: bytes, key: str) -> dict:
     return meta
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_DESCR = re.compile(r"""['"]descr['"]\s*:\s*['"]([<>|=]?[A-Za-z]+\d*)['"]""")
+_NPY_FORTRAN = re.compile(r"""['"]fortran_order['"]\s*:\s*(True|False)""")
+_NPY_SHAPE = re.compile(r"""['"]shape['"]\s*:\s*\(\s*((?:\d+\s*,\s*)*\d*)\s*\)""")
+
+
 def _parse_npy_header(probe: bytes, key: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) from the first bytes of an npy member."""
-    stream = io.BytesIO(probe)
+    """(shape, dtype, header length) from the first bytes of an npy member.
+
+    The header is a Python dict literal; it is matched field by field instead of evaluated (numpy's
+    reader uses ast.literal_eval, which CPython 3.11 can fail on nondeterministically in forked
+    workers), and a descr other than a plain type code - a structured or object dtype - is refused.
+    """
+    where = f"{key}.{FEATURES_MEMBER}"
+    if probe[:6] != _NPY_MAGIC or len(probe) < 10:
+        raise BadRecord("npy", f"{where}: not an npy file")
+    major = probe[6]
+    if major == 1:
+        start, length = 10, int.from_bytes(probe[8:10], "little")
+    elif major in (2, 3) and len(probe) >= 12:
+        start, length = 12, int.from_bytes(probe[8:12], "little")
+    else:
+        raise BadRecord("npy", f"{where}: npy version {major} unknown")
+    if start + length > len(probe):
+        raise BadRecord("npy", f"{where}: npy header of {length} bytes is cut short or too long")
+    header = probe[start: start + length].decode("utf-8" if major == 3 else "latin1", "replace")
+    descr, fortran, shape = _NPY_DESCR.search(header), _NPY_FORTRAN.search(header), _NPY_SHAPE.search(header)
+    if descr is None or fortran is None or shape is None:
+        raise BadRecord("npy", f"{where}: npy header {header.strip()!r} is not a plain array header")
     try:
-        version = np.lib.format.read_magic(stream)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-        else:
-            raise ValueError(f"npy version {version}")
-    except (ValueError, EOFError, SyntaxError) as e:
-        raise BadRecord("npy", f"{key}.{FEATURES_MEMBER}: unreadable npy header ({e})") from None
+        dtype = np.dtype(descr.group(1))
+    except TypeError:
+        raise BadRecord("npy", f"{where}: unknown dtype {descr.group(1)!r}") from None
     if dtype.hasobject:
-        raise BadRecord("npy", f"{key}.{FEATURES_MEMBER}: object arrays need pickle, refused")
-    if fortran:
-        raise BadRecord("npy", f"{key}.{FEATURES_MEMBER}: Fortran order, expected C order")
-    return tuple(shape), dtype, stream.tell()
+        raise BadRecord("npy", f"{where}: object arrays need pickle, refused")
+    if fortran.group(1) == "True":
+        raise BadRecord("npy", f"{where}: Fortran order, expected C order")
+    dims = tuple(int(d) for d in shape.group(1).replace(" ", "").split(",") if d)
+    return dims, dtype, start + length
 
 
 def _all_finite(x: np.ndarray, chunk: int = 1 << 16) -> bool:
