@@ -36,6 +36,7 @@ import logging
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,23 @@ class EpochPlan:
         return [(rank - (self.length - first)) % self.length], True
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What the workers need to build batches: no reference back to the VideoLoader, so dropping
+    the loader frees its workers and ring at once instead of at the next garbage collection."""
+    config: DataConfig
+    sources: list[Source]
+    tokenizer: object
+    pad_id: int
+    rank: int
+    world_size: int
+    samples_per_epoch: int
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan([s.size for s in self.sources], [s.weight for s in self.sources],
+                         self.samples_per_epoch, self.config.seed, epoch)
+
+
 class _BatchStream(IterableDataset):
     """Builds this rank's batches `first, first+1, ...`; in worker w only those with index = w mod n.
 
@@ -142,8 +160,8 @@ class _BatchStream(IterableDataset):
     epoch) and still follow every `set_epoch` / `load_state_dict`.
     """
 
-    def __init__(self, loader: VideoLoader, job: torch.Tensor, ring: FeatureRing | None):
-        self.loader, self.job, self.ring = loader, job, ring
+    def __init__(self, spec: _Spec, job: torch.Tensor, ring: FeatureRing | None):
+        self.spec, self.job, self.ring = spec, job, ring
         self.plan: EpochPlan | None = None
 
     def __iter__(self):
@@ -151,8 +169,8 @@ class _BatchStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, self.start, num_batches = (int(x) for x in self.job)
         if self.plan is None or self.plan.epoch != epoch:
-            self.plan = self.loader.epoch_plan(epoch)
-        cfg = self.loader.config
+            self.plan = self.spec.plan(epoch)
+        cfg = self.spec.config
         reader = ShardReader(num_patches=cfg.num_patches, feature_dim=cfg.feature_dim,
                              check_finite=cfg.check_finite)
         try:
@@ -177,36 +195,36 @@ class _BatchStream(IterableDataset):
         return alloc
 
     def _prepare(self, position: int, reader: ShardReader) -> PreparedSample:
-        loader, cfg = self.loader, self.loader.config
+        spec, cfg = self.spec, self.spec.config
         s, index, source_epoch = self.plan.item(position)
-        head = reader.head(*loader.sources[s].locate(index))
+        head = reader.head(*spec.sources[s].locate(index))
         try:
             convs = record_conversations(head.meta)
             if not convs:
                 raise ValueError("no conversation and no answered qa item")
             pick = 0 if len(convs) == 1 else int(
                 np.random.default_rng([cfg.seed, s, source_epoch, index]).integers(len(convs)))
-            ids, labels = tokenize_conversation(loader.tokenizer, convs[pick], cfg.max_text_len)
+            ids, labels = tokenize_conversation(spec.tokenizer, convs[pick], cfg.max_text_len)
         except ValueError as e:
             raise BadRecord("text", f"{head.path}: {head.key}: {e}") from None
-        return PreparedSample(head=head, source=loader.sources[s].path, input_ids=ids, labels=labels,
+        return PreparedSample(head=head, source=spec.sources[s].path, input_ids=ids, labels=labels,
                               frame_idx=uniform_frame_indices(head.shape[0], cfg.max_frames))
 
     def _collate(self, prepared: list[PreparedSample], reader: ShardReader, alloc):
         if not prepared:
             return {}, []
-        return collate(prepared, reader, pad_id=self.loader.pad_id,
-                       features_dtype=self.loader.config.features_dtype, alloc=alloc)
+        return collate(prepared, reader, pad_id=self.spec.pad_id,
+                       features_dtype=self.spec.config.features_dtype, alloc=alloc)
 
     def _build(self, b: int, reader: ShardReader, alloc) -> tuple[dict, dict]:
-        loader = self.loader
-        positions, padded = self.plan.rank_batch(self.start, b, loader.rank, loader.world_size,
-                                                 loader.config.batch_size)
+        spec = self.spec
+        positions, padded = self.plan.rank_batch(self.start, b, spec.rank, spec.world_size,
+                                                 spec.config.batch_size)
         # Plain dicts: DataLoader's default conversion would re-add a Counter into its own copy.
         seen, bad = {}, {}
         prepared = []
         for p in positions:
-            source = loader.sources[self.plan.item(p)[0]].path
+            source = spec.sources[self.plan.item(p)[0]].path
             seen[source] = seen.get(source, 0) + 1
             try:
                 prepared.append(self._prepare(p, reader))
@@ -266,6 +284,8 @@ class VideoLoader:
         self.bad: Counter = Counter()  # (source, reason) -> count
         self.repeats = 0
         self._plan: EpochPlan | None = None
+        self._spec = _Spec(config=self.config, sources=self.sources, tokenizer=tokenizer, pad_id=self.pad_id,
+                           rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch)
         self._ring: FeatureRing | None = None
         self._pool: DataLoader | None = None
         self._job = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, offset, batches
@@ -327,8 +347,7 @@ class VideoLoader:
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
         if self._plan is None or self._plan.epoch != epoch:
-            self._plan = EpochPlan([s.size for s in self.sources], [s.weight for s in self.sources],
-                                   self.samples_per_epoch, self.config.seed, epoch)
+            self._plan = self._spec.plan(epoch)
         return self._plan
 
     def _fingerprint(self) -> dict:
@@ -392,7 +411,7 @@ class VideoLoader:
         """The persistent worker pool, started on first use (forked: it shares the ring's pages)."""
         if self._pool is None:
             self._ring = self._feature_ring(plan)
-            stream = _BatchStream(self, self._job, self._ring)
+            stream = _BatchStream(self._spec, self._job, self._ring)
             self._pool = DataLoader(stream, batch_size=None, num_workers=self.config.num_workers,
                                     prefetch_factor=self.config.prefetch_factor, collate_fn=_as_is,
                                     persistent_workers=True)
@@ -424,7 +443,7 @@ class VideoLoader:
                 self._ring.reset()  # also ends zero-copy views of the previous iteration
             source = self._receive(iter(pool))
         else:
-            source = (item[:3] for item in _BatchStream(self, self._job, None))
+            source = (item[:3] for item in _BatchStream(self._spec, self._job, None))
         for expected, (b, batch, stats) in enumerate(source):
             if b != expected:
                 raise RuntimeError(f"loader: batch {b} arrived where {expected} was due (DataLoader order)")
