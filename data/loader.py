@@ -28,6 +28,11 @@ The scheme, in order:
 5. Bad records are skipped and counted per source and reason (`bad_counts`); a batch whose records
    are all bad takes the next readable record of the epoch instead (a counted repeat), so no rank
    ever yields fewer batches. A source whose bad fraction passes `bad_fraction_limit` stops the run.
+6. Transport. Workers persist across epochs (the epoch to build is passed through a shared
+   tensor) and read features straight into slots of a shared-memory ring the trainer process
+   allocated before forking them (data/collate.py: FeatureRing); a batch crosses the process
+   boundary as a slot number, and is copied out of the slot (or, with `zero_copy`, handed out as
+   a view valid for two more batches).
 """
 from __future__ import annotations
 
