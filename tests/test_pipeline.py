@@ -179,3 +179,55 @@ def test_two_stages_by_two_replicas_match_plain_torch(tiny_assets, tmp_path):
         assert loss == pytest.approx(ref_losses[step], rel=1e-5), step
     # Ranks 0 and 2 are stage 0 and stage 1 of replica 0 (DeepSpeed's pipe-major topology).
     assert_params_match(out, ref_first, ranks=[0, 2])
+
+
+# ------------------------------------------------------------------------------- mambamia train
+TINY_STAGE1 = str(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage1.yaml")
+TRAIN_OVERRIDES = ["parallel.pipeline_stages=2", "parallel.zero_stage=1",
+                   "trainable=[compressor,projector,llm]", "optimizer.group_lr={}",
+                   "validation.sources=[]", "schedule.total_steps=4", "checkpoint.every_steps=2",
+                   "checkpoint.keep_last=3", "logging.tensorboard=false"]
+
+
+def _train(argv: list[str]) -> int:
+    """A forked rank of `mambamia train` on the tiny stage-1 config in run folder argv[0]."""
+    import trainer.train as train
+
+    return train.main([TINY_STAGE1, f"run_dir={argv[0]}", *argv[1:]])
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_mambamia_train_pipeline_resumes_after_sigkill_and_exports(tiny_assets, tmp_path):
+    """The trainer's own loop on a 2-stage pipeline: rank 0 SIGKILLed inside the save of step 4,
+    the resumed run replays steps 3-4 with the same losses, and `mambamia export` writes a folder
+    that `VideoLLM.from_pretrained` loads with the checkpoint's weights."""
+    import signal
+
+    from model.video_llm import VideoLLM
+    from tests.ckpt_worker import launch as fork_launch
+    from tests.test_train import make_tiny_root
+    from trainer.checkpoint import CRASH_IN_SAVE_ENV, Checkpointer
+    from trainer.export import main as export_main
+
+    root = make_tiny_root(tmp_path / "tiny", Path(tiny_assets["llm"]))
+    run, env = root / "runs" / "pp", {"MAMBAMIA_TINY": str(root)}
+    codes = fork_launch(run, 2, *TRAIN_OVERRIDES, target=_train, env={**env, CRASH_IN_SAVE_ENV: "4"})
+    assert codes[0] == -signal.SIGKILL
+    assert Checkpointer(run).latest_step() == 2
+    before = _losses(run)
+    assert sorted(before) == [1, 2, 3, 4]
+    assert fork_launch(run, 2, *TRAIN_OVERRIDES, target=_train, env=env) == [0, 0]
+    after = _losses(run)
+    for step in (3, 4):
+        assert after[step] == pytest.approx(before[step], rel=1e-6, abs=0), step
+    assert Checkpointer(run).latest_step() == 4
+
+    assert export_main([str(run), str(tmp_path / "export")]) == 0
+    loaded = VideoLLM.from_pretrained(tmp_path / "export")
+    saved = torch.load(run / "checkpoints" / "4" / "layer_02-model_states.pt", weights_only=True)
+    torch.testing.assert_close(loaded.llm.model.layers[0].mlp.up_proj.weight,
+                               saved["layer.mlp.up_proj.weight"], rtol=0, atol=0)

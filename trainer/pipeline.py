@@ -467,3 +467,58 @@ def pipeline_state_dict(folder: str | Path, model: nn.Module) -> dict[str, torch
 
 def is_pipeline_checkpoint(folder: str | Path) -> bool:
     return any(Path(folder).glob("layer_*-model_*states.pt"))
+
+
+# ------------------------------------------------------------------------------------ trainer
+def data_parallel_layout(rank: int, world_size: int, stages: int) -> tuple[int, int]:
+    """(replica, replicas) of a global rank under DeepSpeed's pipe-major topology
+    (rank = stage x replicas + replica); the loader splits the data by these."""
+    replicas = world_size // stages
+    return rank % replicas, replicas
+
+
+class PipelineSteps:
+    """train.py's `train_step` for a pipeline engine: one `train_batch` per optimizer step.
+
+    Only the first and the last stage draw batches (both the same ones: they share the replica's
+    loader order); the counts in the StepResult are what this replica's first stage saw, summed
+    over replicas, with the spliced visual tokens unknown outside the first stage (reported as the
+    text tokens only).
+    """
+
+    def __init__(self, engine, batches: Iterator[dict], device: torch.device, dtype: torch.dtype):
+        self.engine = engine
+        self._seen: list[dict] = []
+        self._wait = 0.0
+        self._data = micro_batches(self._record(batches), device, dtype)
+
+    def _record(self, batches: Iterator[dict]) -> Iterator[dict]:
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            self._wait += time.perf_counter() - t0
+            self._seen.append(batch)
+            yield batch
+
+    def __call__(self, info):
+        import torch.distributed as dist
+
+        from trainer.train import StepResult
+
+        self._seen.clear()
+        self._wait = 0.0
+        loss, norm, skipped, _ = train_step(self.engine, self._data)
+        counted = self.engine.is_first_stage()
+        totals = torch.zeros(3, dtype=torch.float64, device=info.device)
+        keys: list[str] = []
+        for batch in self._seen:
+            keys += batch["keys"]
+            if counted:
+                totals += torch.tensor([float(batch["attention_mask"].sum()),
+                                        float(batch["input_ids"].shape[0]),
+                                        float(batch["frame_mask"].sum() * batch["features"].shape[2])],
+                                       dtype=torch.float64, device=info.device)
+        dist.all_reduce(totals)
+        return StepResult(loss=loss, grad_norm=norm, skipped=skipped, tokens=int(totals[0]),
+                          visual_tokens=0, samples=int(totals[1]), patch_tokens=int(totals[2]),
+                          data_wait_s=self._wait, keys=keys)
