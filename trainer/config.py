@@ -67,7 +67,8 @@ class ParallelConfig:
     offload_params: Literal["none", "cpu"] = "none"
     """Parameter offload needs ZeRO-3 (DeepSpeed's rule)."""
     pipeline_stages: int = 1
-    """Pipeline-parallel stages; only 1 is implemented, the field reserves the name."""
+    """Pipeline-parallel stages (trainer/pipeline.py); processes = stages x data-parallel replicas,
+    ZeRO-1 at most."""
 
 
 @dataclass(kw_only=True)
@@ -137,8 +138,14 @@ class RunConfig:
             raise ConfigError(f"optimizer.betas: expected two numbers, got {self.optimizer.betas}")
         if self.parallel.global_batch_size < 1:
             raise ConfigError(f"parallel.global_batch_size: expected >= 1, got {self.parallel.global_batch_size}")
-        if self.parallel.pipeline_stages != 1:
-            raise ConfigError(f"parallel.pipeline_stages: only 1 is implemented, got {self.parallel.pipeline_stages}")
+        if self.parallel.pipeline_stages < 1:
+            raise ConfigError(f"parallel.pipeline_stages: expected >= 1, got {self.parallel.pipeline_stages}")
+        if self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1:
+            raise ConfigError(f"parallel.zero_stage: {self.parallel.zero_stage} cannot be combined with "
+                              "parallel.pipeline_stages > 1 (DeepSpeed's pipeline allows ZeRO-0/1 only)")
+        if self.parallel.pipeline_stages > 1 and self.validation.sources:
+            raise ConfigError("validation.sources: validation is not implemented for "
+                              "parallel.pipeline_stages > 1")
         if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:
             raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3")
         if self.parallel.zero_stage == 3 and self.model.compressor.gradient_checkpointing:

@@ -75,7 +75,10 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
                                 f"steps are {ckpt.complete_steps()}")
     folder = ckpt.root / str(step)
     model = build_model(_run_config(folder, run_dir))
-    state = consolidated_state_dict(folder)
+    from trainer.pipeline import is_pipeline_checkpoint, pipeline_state_dict
+
+    state = (pipeline_state_dict(folder, model) if is_pipeline_checkpoint(folder)
+             else consolidated_state_dict(folder))
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

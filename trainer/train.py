@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import signals
+from trainer import pipeline, signals
 from trainer.checkpoint import Checkpointer, gather_client_state, restore_rng
 from trainer.config import ConfigError, RunConfig, load_config, save_config, to_yaml
 from trainer.dist import DistInfo, init_distributed
@@ -192,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 def run(cfg: RunConfig) -> int:
     """Train `cfg`'s stage to its last step (resuming the run folder if it has a checkpoint)."""
     info = init_distributed()
-    accum = grad_accumulation_steps(cfg, info.world_size)
+    stages = cfg.parallel.pipeline_stages
+    # Under a pipeline the data splits over replicas (world / stages), not over processes.
+    replica, replicas = ((info.rank, info.world_size) if stages == 1
+                         else pipeline.data_parallel_layout(info.rank, info.world_size, stages))
+    accum = grad_accumulation_steps(cfg, replicas)
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,10 +208,11 @@ def run(cfg: RunConfig) -> int:
     model = build_model(cfg)
     from data.loader import VideoLoader
 
-    loader = VideoLoader.from_config(cfg.data, model.tokenizer, rank=info.rank, world_size=info.world_size)
+    loader = VideoLoader.from_config(cfg.data, model.tokenizer, rank=replica, world_size=replicas)
     total_steps = total_steps_of(cfg, loader, accum)
-    engine, optimizer, _ = build_engine(model, cfg, world_size=info.world_size,
-                                        total_steps=total_steps, on_cuda=info.on_cuda)
+    build = build_engine if stages == 1 else pipeline.build_pipeline_engine
+    engine, optimizer, _ = build(model, cfg, world_size=info.world_size, total_steps=total_steps,
+                                 on_cuda=info.on_cuda)
     dtype = torch.bfloat16 if resolve_precision(cfg, info.on_cuda) == "bf16" else torch.float32
     seed_everything(cfg.seed + info.rank)  # independent dropout noise per rank from here on
 
@@ -230,11 +235,14 @@ def run(cfg: RunConfig) -> int:
              for name, params in model.module_groups().items()}
     peak = peak_flops(info.device)
     batches = endless(loader)
+    if stages > 1:
+        pipeline_steps = pipeline.PipelineSteps(engine, batches, info.device, dtype)
     saved_step = step if client is not None else None
     try:
         while step < total_steps:
             started = time.perf_counter()
-            result = train_step(engine, batches, accum, info, dtype)
+            result = (train_step(engine, batches, accum, info, dtype) if stages == 1
+                      else pipeline_steps(info))
             step += 1
             elapsed = time.perf_counter() - started
             if result.skipped:
