@@ -99,7 +99,7 @@ class FeatureRing:
 
 
 def collate(samples: list[PreparedSample], reader: ShardReader, *, pad_id: int,
-            features_dtype: str = "float32", alloc=None) -> tuple[dict, list[tuple[PreparedSample, BadRecord]]]:
+            features_dtype: str = "float16", alloc=None) -> tuple[dict, list[tuple[PreparedSample, BadRecord]]]:
     """The batch dict of the samples whose features read cleanly, and the failed ones.
 
     `alloc(shape, dtype)` gives the features tensor (a ring slot, shared memory, or plain memory).

@@ -83,7 +83,8 @@ def _check_batch_content(batch, tok, max_frames):
         n = int(batch["frame_mask"][row].sum())
         assert n == len(idx) and not batch["frame_mask"][row, n:].any()
         feats = batch["features"][row]
-        assert torch.equal(feats[:n, 0, 0], torch.tensor(i + idx / 64, dtype=torch.float16).float())
+        assert feats.dtype == torch.float16
+        assert torch.equal(feats[:n, 0, 0], torch.tensor(i + idx / 64, dtype=torch.float16))
         assert torch.equal(batch["timestamps"][row, :n], torch.tensor(idx * 0.5, dtype=torch.float32))
         assert not feats[n:].any()
         ids, labels = tokenize_conversation(tok, _meta(key, frames, i)["conversations"][0], 512)
@@ -143,7 +144,8 @@ def _assert_same_batches(a, b):
 
 def test_resume_same_world_size_is_sample_exact(dataset, tok):
     path, _ = dataset
-    opts = dict(batch_size=2, seed=3, world_size=2, rank=1, max_frames=3, num_workers=2)
+    opts = dict(batch_size=2, seed=3, world_size=2, rank=1, max_frames=3, num_workers=2,
+                features_dtype="float32")
     full = VideoLoader([path], tok, **opts)
     reference = _run(full) + _run(full, 3)  # epoch 0 (6 batches) and the start of epoch 1
     for k in (2, 6):  # mid-epoch (batches prefetched by the workers are not lost) and at the boundary
