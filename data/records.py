@@ -2,8 +2,8 @@
 
 A shard's tar headers are scanned once (header blocks only, data is skipped by seeking) into a
 table of member offsets, so a record is read with positioned reads straight into its destination
-buffer: the same copy `cat` makes, and no per-record tar parsing. The npy header is parsed with
-numpy's header reader (a literal, not a pickle); object dtypes are refused.
+buffer: the same copy `cat` makes, and no per-record tar parsing. The npy header is matched field
+by field (never evaluated, never unpickled); object and structured dtypes are refused.
 
     reader = ShardReader()
     head = reader.head("shards/shard-r00000-000000.tar", 3)   # meta + npy layout, BadRecord if not
