@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline_worker import (EPS, LR, batch_seed, make_batch, model_config, run_config)
+from tests.pipeline_worker import EPS, LR, batch_seed, make_batch, model_config
 from trainer.config import ConfigError
 from trainer.dist import free_port
 

@@ -247,9 +247,8 @@ def partition(costs: list[int], stages: int) -> list[int]:
         else:
             lo = mid + 1
     unit_bounds = _greedy_bounds(units, stages, lo)
-    # Unit i covers layers [i+1, i+2) except the merged first (layers 0-1) and last groups.
-    to_layer = lambda u: 0 if u == 0 else u + 1  # noqa: E731
-    return [to_layer(u) for u in unit_bounds] + [len(costs)]
+    # Unit u >= 1 starts at layer u + 1 (unit 0 holds layers 0 and 1).
+    return [0] + [u + 1 for u in unit_bounds[1:]] + [len(costs)]
 
 
 def _feasible(units: list[int], stages: int, limit: int) -> bool:
