@@ -1,5 +1,8 @@
 """Pipeline bubble: measured idle fraction of each stage vs the 1F1B formula (p-1)/(m+p-1).
 
+Measured twice: with the stages split by parameter count (the trainer's default) and by forward
+time measured on one micro-batch (`build_pipeline_engine(sample=...)`).
+
     python bench/bench_pipeline.py [--stages 2] [--micro-batches 1 2 4 8] [--steps 3]
 
 Launches itself under torchrun (CPU, gloo, one process per stage) on a tiny VideoLLM (trainer.tiny,
@@ -13,6 +16,7 @@ one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -54,13 +58,17 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     info = init_distributed()
-    results = {}
-    for m in args.micro_batches:
+    results: dict[str, dict] = {"params": {}, "time": {}}
+    for split, m in itertools.product(results, args.micro_batches):
         cfg = run_config(args.llm, "unused", stages=args.stages, dp=1, micro_batches=m)
         torch.manual_seed(0)
         model = VideoLLM.build(cfg.model)
+        sample = None
+        if split == "time":
+            sample = next(micro_batches(batches_from(model.tokenizer, 0, 0, m), info.device,
+                                        torch.float32))[0]
         engine, _, _ = build_pipeline_engine(model, cfg, world_size=info.world_size, total_steps=100,
-                                             on_cuda=False, log=lambda _msg: None)
+                                             on_cuda=False, sample=sample, log=lambda _msg: None)
         spent = timed_instructions(engine)
         data = micro_batches(batches_from(model.tokenizer, 0, 0, m), info.device, torch.float32)
         fractions = []
@@ -75,8 +83,9 @@ def worker(args) -> None:
         per_rank = [None] * info.world_size
         dist.all_gather_object(per_rank, sum(fractions) / len(fractions))
         p = args.stages
-        results[m] = {"measured": sum(per_rank) / len(per_rank), "per_stage": per_rank,
-                      "formula": (p - 1) / (m + p - 1)}
+        results[split][m] = {"measured": sum(per_rank) / len(per_rank), "per_stage": per_rank,
+                             "layer_bounds": list(engine.module.parts),
+                             "formula": (p - 1) / (m + p - 1)}
     if info.rank == 0:
         Path(args.out).write_text(json.dumps(results))
     dist.barrier()
@@ -110,15 +119,18 @@ def main() -> int:
         if proc.returncode != 0:
             print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
             return 1
-        results = {int(k): v for k, v in json.loads(out.read_text()).items()}
+        results = json.loads(out.read_text())
     p = args.stages
     print(f"pipeline bubble, {p} stages (CPU, gloo, tiny VideoLLM), mean over {args.steps} steps")
-    print(f"{'micro-batches':>14} {'measured':>9} {'formula':>8} {'ratio':>6}")
-    for m, r in results.items():
-        print(f"{m:>14} {r['measured']:>9.3f} {r['formula']:>8.3f} {r['measured'] / r['formula']:>6.2f}")
-    print(json.dumps({"stages": p, "steps": args.steps, "bubble": {
-        str(m): {**r, "ratio_measured_to_formula": r["measured"] / r["formula"]}
-        for m, r in results.items()}}))
+    print(f"{'split by':>9} {'micro-batches':>14} {'measured':>9} {'formula':>8} {'ratio':>6}")
+    summary = {}
+    for split, rows in results.items():
+        summary[split] = {}
+        for m, r in rows.items():
+            ratio = r["measured"] / r["formula"]
+            print(f"{split:>9} {m:>14} {r['measured']:>9.3f} {r['formula']:>8.3f} {ratio:>6.2f}")
+            summary[split][m] = {**r, "ratio_measured_to_formula": ratio}
+    print(json.dumps({"stages": p, "steps": args.steps, "bubble": summary}))
     return 0
 
 

@@ -228,6 +228,23 @@ def layer_costs(layers: list) -> list[int]:
     return [sum(p.numel() for p in _module_of(layer).parameters()) for layer in layers]
 
 
+def measured_costs(layers: list, inputs: tuple, repeats: int = 3) -> list[int]:
+    """Forward microseconds per layer on one sample micro-batch (min over `repeats` runs, after
+    one warm-up), run here on the whole model: what the stages will spend, unlike parameter
+    counts, which miss that the compressor reads every frame patch. Backward is taken to scale
+    with forward."""
+    modules = [_module_of(layer) for layer in layers]
+    best = [float("inf")] * len(modules)
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            x = inputs
+            for i, module in enumerate(modules):
+                t0 = time.perf_counter()
+                x = module(x)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return [max(1, round(t * 1e6)) for t in best]
+
+
 def partition(costs: list[int], stages: int) -> list[int]:
     """Stage boundaries (DeepSpeed's `parts`, stages + 1 offsets) minimising the largest stage's
     cost, with the first two and the last two layers kept together (see the module docstring).
@@ -277,12 +294,12 @@ def _layer_name(layer) -> str:
     return (layer.typename if not isinstance(layer, nn.Module) else type(layer)).__name__
 
 
-def describe_split(layers: list, parts: list[int], costs: list[int]) -> str:
+def describe_split(layers: list, parts: list[int], costs: list[int], unit: str = "params") -> str:
     lines = []
     for stage in range(len(parts) - 1):
         lo, hi = parts[stage], parts[stage + 1]
         names = ", ".join(f"{i}:{_layer_name(layers[i])}" for i in range(lo, hi))
-        lines.append(f"  stage {stage}: {sum(costs[lo:hi]):,} params [{names}]")
+        lines.append(f"  stage {stage}: {sum(costs[lo:hi]):,} {unit} [{names}]")
     return "\n".join(lines)
 
 
@@ -312,14 +329,24 @@ def _pipeline_module_class():
 
 
 def build_pipeline_module(model: nn.Module, *, stages: int, bucket: int = DEFAULT_BUCKET,
-                          checkpoint_activations: bool = False, log=print):
-    """Layers -> partition -> DeepSpeed PipelineModule (needs the process group)."""
+                          checkpoint_activations: bool = False, sample: tuple | None = None, log=print):
+    """Layers -> partition -> DeepSpeed PipelineModule (needs the process group).
+
+    The split balances parameters, or with `sample` (first-stage inputs of one micro-batch, as
+    `micro_batches` yields them) the forward time measured on rank 0 and sent to every rank.
+    """
     import torch.distributed as dist
 
     layers = build_layers(model, bucket)
     check_layout(stages=stages, world_size=dist.get_world_size(), zero_stage=0,
                  decoder_layers=len(layers) - 4)
+    unit = "params"
     costs = layer_costs(layers)
+    if sample is not None:
+        unit = "us forward"
+        box = [measured_costs(layers, sample) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        costs = box[0]
     parts = partition(costs, stages)
     kwargs: dict[str, Any] = {}
     if checkpoint_activations:
@@ -335,7 +362,7 @@ def build_pipeline_module(model: nn.Module, *, stages: int, bucket: int = DEFAUL
                                       partition_method="fixed", dynamic_shape=True, **kwargs)
     if dist.get_rank() == 0:
         log(f"[pipeline] {stages} stages x {dist.get_world_size() // stages} data-parallel, split by "
-            f"parameters:\n{describe_split(layers, parts, costs)}\n[pipeline] spliced sequences are "
+            f"{unit}:\n{describe_split(layers, parts, costs, unit)}\n[pipeline] spliced sequences are "
             f"right-padded to a multiple of {bucket} tokens so stages exchange few distinct shapes; "
             f"activation checkpointing per decoder layer: {'on' if checkpoint_activations else 'off'}")
     return module
@@ -364,7 +391,8 @@ def stage_param_groups(groups: list[dict[str, Any]], module: nn.Module) -> list[
 
 
 def build_pipeline_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, total_steps: int,
-                          on_cuda: bool, bucket: int = DEFAULT_BUCKET, log=print):
+                          on_cuda: bool, bucket: int = DEFAULT_BUCKET, sample: tuple | None = None,
+                          log=print):
     """Like engine.build_engine for `parallel.pipeline_stages > 1`: (engine, optimizer, scheduler).
 
     The DeepSpeed config is the trainer's, derived for the data-parallel size (world / stages):
@@ -380,7 +408,7 @@ def build_pipeline_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, 
                  decoder_layers=len(_llm_parts(model.llm).layers))
     freeze(model, cfg.trainable)
     groups = param_groups(model, cfg)
-    module = build_pipeline_module(model, stages=stages, bucket=bucket,
+    module = build_pipeline_module(model, stages=stages, bucket=bucket, sample=sample,
                                    checkpoint_activations=cfg.model.gradient_checkpointing, log=log)
     groups = stage_param_groups(groups, module)
     if len(module.group_anchors) == len(groups):
