@@ -2,7 +2,7 @@
 
 The model is re-expressed as a flat list of layers without touching model/'s modules: the layers
 below hold references to the VideoLLM's own submodules, so one VideoLLM object is the source of
-the weights and every layer's state_dict keys map back to VideoLLM names (see `model_key`).
+the weights and every layer's state_dict keys map back to VideoLLM names (see `model_key_map`).
 
     [VisualLayer]        compressor + projector + frame separator -> padded visual tokens
     [EmbedLayer] (tied)  token embedding, splices the visual tokens, pads to a bucketed length
@@ -13,9 +13,13 @@ the weights and every layer's state_dict keys map back to VideoLLM names (see `m
 
 The first two layers always share the first stage and the last two the last stage, so the only
 thing ever sent between stages is the 4-tuple (hidden [B,L,D], attention mask [B,L], positions
-[B,L], labels [B,L]). L is padded up to a multiple of `bucket`: the engine re-sends tensor shapes
-only when they change, and a handful of bucket lengths keeps its receive buffers reusable.
-Padding positions have mask 0 and label -100, so losses equal the non-pipeline model's.
+[B,L], labels [B,L]). The engine runs with `dynamic_shape` (it sends the tuple's shapes ahead of
+each micro-batch, since spliced lengths depend on the kept frames), and L is padded up to a
+multiple of `bucket` so that only a few distinct shapes ever occur (allocator blocks and kernels
+are reused). Padding positions have mask 0 and label -100, so losses equal the unsplit model's.
+
+Every rank builds the whole VideoLLM (same seed, identical weights) before the split keeps its
+stage's layers; a backbone too large for one process's memory would need meta-device building.
 
 Layout rules (DeepSpeed's and ours): world size divisible by stages, at most N + 2 stages (every
 stage needs a layer), ZeRO stage <= 1 (the pipeline engine refuses gradient partitioning).
