@@ -132,6 +132,7 @@ def ref2(tiny_assets):
     return reference(tiny_assets["llm"], dp=1, steps=STEPS)
 
 
+@pytest.mark.slow
 def test_two_stages_match_plain_torch_then_resume_after_sigkill_and_export(tiny_assets, ref2, tmp_path):
     from model.video_llm import VideoLLM
     from trainer.pipeline import pipeline_state_dict
@@ -170,6 +171,7 @@ def test_two_stages_match_plain_torch_then_resume_after_sigkill_and_export(tiny_
     torch.testing.assert_close(logits, ref_logits, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_two_stages_by_two_replicas_match_plain_torch(tiny_assets, tmp_path):
     ref_losses, ref_first, _ = reference(tiny_assets["llm"], dp=2, steps=3)
     out = tmp_path / "pp2x2"
