@@ -55,47 +55,109 @@ def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
+def storage_users(storage: torch.UntypedStorage) -> int:
+    """How many tensors, arrays and storage objects of this process hold `storage` (1: only ours).
+
+    This is what makes reused buffers safe: a buffer handed out in a batch is refilled only once
+    every tensor viewing it (the batch's, a row sliced off it, a numpy array over it) is gone, so
+    a consumer that keeps batches (a list of them, a test) keeps valid data, and one that drops
+    each batch before the next gets warm memory back.
+    """
+    return torch._C._storage_Use_Count(storage._cdata)
+
+
+def _view(storage: torch.UntypedStorage, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+class BufferPool:
+    """A few private buffers, touched once, lent out as batch tensors again and again.
+
+    Fresh memory costs a page fault per 4 KiB on first touch (far more under a VM): copying a
+    batch of 29 MB videos into new memory ran at a fifth of the read speed. A buffer is lent again
+    only when nothing else references it (`storage_users`); while all are held, plain memory.
+    """
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        for i, buf in enumerate(self.buffers):
+            if storage_users(buf) == 1:
+                if buf.nbytes() < nbytes:  # a longer batch than before: grow this one
+                    buf = self.buffers[i] = torch.UntypedStorage(nbytes)
+                return _view(buf, shape, dtype)
+        if len(self.buffers) < self.size:
+            self.buffers.append(torch.UntypedStorage(nbytes))
+            return _view(self.buffers[-1], shape, dtype)
+        return torch.empty(shape, dtype=dtype)
+
+
 class FeatureRing:
     """Shared-memory slots, touched once, that workers fill with batch features again and again.
 
-    Fresh memory costs a page fault per 4 KiB on first touch (and far more under a VM); a batch of
-    29 MB videos would pay it on every batch, in the worker and again in the trainer. The ring is
-    allocated by the trainer process before the workers fork, so both sides see the same pages:
-    a worker sends only the slot number. Worker w owns slots [w S, (w + 1) S) and uses them in
-    turn; it waits until the trainer process has released a slot before refilling it, so a slot is
-    never overwritten while in use, whatever the DataLoader prefetches.
+    The slots are allocated by the trainer process before the workers fork, so both sides map
+    the same pages: a worker sends only the slot number, and the trainer hands the slot itself
+    out as the batch's features (no copy, no fresh pages). `state[slot]` is 0 when free, else
+    the iteration (generation) whose worker filled it. A worker takes any free slot of its own;
+    the trainer frees a slot once it has received it and nothing of its process views it any
+    more (`storage_users`). When all of a worker's slots stay held (a consumer keeping batches),
+    the worker falls back to fresh shared memory instead of waiting forever.
     """
 
     def __init__(self, *, workers: int, slots_per_worker: int, slot_bytes: int):
         self.slots_per_worker = slots_per_worker
         self.slot_bytes = -(-slot_bytes // 64) * 64
-        self.storage = torch.UntypedStorage._new_shared(workers * slots_per_worker * self.slot_bytes)
-        torch.empty(0, dtype=torch.uint8).set_(self.storage).fill_(0)  # fault every page in now
-        self.busy = torch.zeros(workers * slots_per_worker, dtype=torch.int32).share_memory_()
+        self.storages = [torch.UntypedStorage._new_shared(self.slot_bytes)
+                         for _ in range(workers * slots_per_worker)]
+        for storage in self.storages:  # fault every page in now, once
+            _view(storage, (self.slot_bytes,), torch.uint8).fill_(0)
+        self.state = torch.zeros(workers * slots_per_worker, dtype=torch.int64).share_memory_()
+        self.received: set[int] = set()
+        """Slots the trainer process got from a worker and has not freed (trainer side only)."""
 
-    def fits(self, workers: int, slots_per_worker: int, slot_bytes: int) -> bool:
-        return (len(self.busy) == workers * slots_per_worker and self.slots_per_worker == slots_per_worker
-                and slot_bytes <= self.slot_bytes)
-
-    def reset(self) -> None:
-        self.busy.zero_()
-
-    def acquire(self, worker: int, count: int) -> int:
-        slot = worker * self.slots_per_worker + count % self.slots_per_worker
-        while int(self.busy[slot]):
+    def acquire(self, worker: int, generation: int, first: int, wait_s: float = 0.2) -> int | None:
+        """A free slot of `worker`, trying `first` (mod its count) first; None after `wait_s`."""
+        n, base = self.slots_per_worker, worker * self.slots_per_worker
+        deadline = time.monotonic() + wait_s
+        while True:
+            for k in range(n):
+                slot = base + (first + k) % n
+                if int(self.state[slot]) == 0:
+                    self.state[slot] = generation
+                    return slot
+            if time.monotonic() > deadline:
+                return None
             time.sleep(2e-4)
-        self.busy[slot] = 1
-        return slot
 
-    def release(self, slot: int) -> None:
-        self.busy[slot] = 0
+    def free(self, slot: int) -> None:
+        self.received.discard(slot)
+        self.state[slot] = 0
+
+    def collect(self) -> None:
+        """Free every received slot that nothing references any more."""
+        for slot in list(self.received):
+            if storage_users(self.storages[slot]) == 1:
+                self.free(slot)
+
+    def new_iteration(self, generation: int) -> None:
+        """After the workers drained the last iteration: slots its dropped (prefetched, never
+        received) batches were filling are free again; received ones follow `collect`."""
+        for slot in range(len(self.storages)):
+            if 0 < int(self.state[slot]) < generation and slot not in self.received:
+                self.state[slot] = 0
+        self.collect()
 
     def view(self, slot: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """The slot as a tensor of `shape`, or None when that does not fit in a slot."""
         if int(np.prod(shape)) * dtype.itemsize > self.slot_bytes:
             return None
-        offset = slot * self.slot_bytes // dtype.itemsize
-        return torch.empty(0, dtype=dtype).set_(self.storage, offset, shape)
+        return _view(self.storages[slot], shape, dtype)
+
+    def owns(self, slot: int, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage().data_ptr() == self.storages[slot].data_ptr()
 
 
 def collate(samples: list[PreparedSample], reader: ShardReader, *, pad_id: int,

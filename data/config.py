@@ -44,10 +44,12 @@ class DataConfig:
     features_dtype: str = "float16"
     """dtype of the collated features. float16 is what shards store (no conversion, half the bytes
     of float32); the trainer casts to its compute dtype when it moves the batch to the device."""
-    zero_copy: bool = False
-    """With workers: hand out features as views of the shared ring instead of copies. A view stays
-    valid until two more batches have been drawn (or the next epoch starts); set it when the
-    consumer uses a batch within its step (a training loop does)."""
+    zero_copy: bool = True
+    """With workers: a batch's features are the shared-memory ring slot the worker read them into
+    (no copy). Safe whatever the consumer does: a slot is refilled only once nothing in the
+    trainer process references it (a kept batch, a row sliced off it, a numpy view); while the
+    consumer holds every slot, workers use fresh memory. False copies them into private memory
+    (reused buffers, same rule) and frees the slot at once."""
     check_finite: bool = True
     """Reject records whose features hold NaN or inf (one fused pass per record)."""
     num_patches: int | None = None

@@ -31,8 +31,9 @@ The scheme, in order:
 6. Transport. Workers persist across epochs (the epoch to build is passed through a shared
    tensor) and read features straight into slots of a shared-memory ring the trainer process
    allocated before forking them (data/collate.py: FeatureRing); a batch crosses the process
-   boundary as a slot number, and is copied out of the slot (or, with `zero_copy`, handed out as
-   a view valid for two more batches).
+   boundary as a slot number, and the slot itself is the batch's features (`zero_copy`, the
+   default; or they are copied into a reused private buffer). A slot is refilled only once
+   nothing in the trainer process references it any more, so kept batches stay valid.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.collate import DTYPES, FeatureRing, PreparedSample, collate, shared_empty, uniform_frame_indices
+from data.collate import (DTYPES, BufferPool, FeatureRing, PreparedSample, collate, shared_empty,
+                          uniform_frame_indices)
 from data.config import DataConfig, DataSource
 from data.records import BadRecord, ShardReader
 from data.text import record_conversations, tokenize_conversation
@@ -56,7 +58,10 @@ from data.text import record_conversations, tokenize_conversation
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _MAX_FALLBACK = 64
-ZERO_COPY_HOLD = 2  # batches a zero-copy view outlives; see DataConfig.zero_copy
+# Batches a training loop still references when the next arrives: the one in its hands and the
+# one before it (its variable is rebound only after `next` returns); ring slots per worker count it.
+ZERO_COPY_HOLD = 2
+_SMALL = ("input_ids", "attention_mask", "labels", "frame_mask", "timestamps")
 
 
 class Source:
@@ -165,14 +170,14 @@ class _BatchStream(IterableDataset):
     epoch) and still follow every `set_epoch` / `load_state_dict`.
     """
 
-    def __init__(self, spec: _Spec, job: torch.Tensor, ring: FeatureRing | None):
-        self.spec, self.job, self.ring = spec, job, ring
+    def __init__(self, spec: _Spec, job: torch.Tensor, ring: FeatureRing | None, pool: BufferPool | None = None):
+        self.spec, self.job, self.ring, self.pool = spec, job, ring, pool
         self.plan: EpochPlan | None = None
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, self.start, num_batches = (int(x) for x in self.job)
+        epoch, self.start, num_batches, generation = (int(x) for x in self.job)
         if self.plan is None or self.plan.epoch != epoch:
             self.plan = self.spec.plan(epoch)
         cfg = self.spec.config
@@ -181,15 +186,20 @@ class _BatchStream(IterableDataset):
         try:
             for count, b in enumerate(range(worker, num_batches, workers)):
                 if info is None:
-                    yield (b, *self._build(b, reader, None), None)
+                    yield (b, *self._build(b, reader, self.pool.empty if self.pool else None), None)
                     continue
-                slot = self.ring.acquire(worker, count) if self.ring is not None else None
+                slot = self.ring.acquire(worker, generation, count) if self.ring is not None else None
                 batch, stats = self._build(b, reader, self._slot_alloc(slot))
-                feats, where = batch["features"], None
-                if slot is not None and feats.untyped_storage().data_ptr() == self.ring.storage.data_ptr():
+                where = None
+                if slot is not None and self.ring.owns(slot, batch["features"]):
+                    feats = batch.pop("features")  # the trainer process maps the same pages
                     where = (slot, tuple(feats.shape), str(feats.dtype).removeprefix("torch."))
-                    del batch["features"]  # the trainer process maps the same pages
-                yield b, batch, stats, (slot, where)
+                    del feats
+                elif slot is not None:
+                    self.ring.free(slot)  # the batch did not fit the slot
+                # Small tensors as numpy arrays: pickled inline, where each tensor would cost a
+                # shared-memory file and a socket round trip to pass its descriptor (~2 ms each).
+                yield b, {k: v.numpy() if k in _SMALL else v for k, v in batch.items()}, stats, where
         finally:
             reader.close()
 
@@ -293,7 +303,9 @@ class VideoLoader:
                            rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch)
         self._ring: FeatureRing | None = None
         self._pool: DataLoader | None = None
-        self._job = torch.zeros(3, dtype=torch.int64).share_memory_()  # epoch, offset, batches
+        self._buffers = BufferPool()  # copies out of the ring, or batches built in-process
+        self._generation = 0
+        self._job = torch.zeros(4, dtype=torch.int64).share_memory_()  # epoch, offset, batches, generation
 
     @classmethod
     def from_config(cls, config: DataConfig, tokenizer, *, rank: int = 0, world_size: int = 1) -> VideoLoader:
@@ -409,7 +421,7 @@ class VideoLoader:
             if patches is None or dim is None:
                 return None
         slot_bytes = cfg.batch_size * cfg.max_frames * patches * dim * DTYPES[cfg.features_dtype].itemsize
-        slots = cfg.prefetch_factor + 1 + (ZERO_COPY_HOLD if cfg.zero_copy else 0)
+        slots = cfg.prefetch_factor + 1 + (ZERO_COPY_HOLD if cfg.zero_copy else 0)  # queued, building, held
         return FeatureRing(workers=cfg.num_workers, slots_per_worker=slots, slot_bytes=slot_bytes)
 
     def _workers(self, plan: EpochPlan) -> DataLoader:
@@ -428,27 +440,34 @@ class VideoLoader:
 
     def _receive(self, source):
         """(b, batch, stats) in order, features mapped from (or copied out of) the ring."""
-        held: list[int] = []
-        for b, batch, stats, (slot, where) in source:
+        ring = self._ring
+        for b, batch, stats, where in source:
+            for k in _SMALL:
+                batch[k] = torch.from_numpy(batch[k])
             if where is not None:
-                view = self._ring.view(slot, where[1], getattr(torch, where[2]))
-                batch["features"] = view if self.config.zero_copy else view.clone()
-            if slot is not None:
-                held.append(slot)
-                while len(held) > (ZERO_COPY_HOLD if self.config.zero_copy else 0):
-                    self._ring.release(held.pop(0))
+                slot, shape, dtype = where
+                ring.received.add(slot)
+                view = ring.view(slot, shape, getattr(torch, dtype))
+                if self.config.zero_copy:
+                    batch["features"] = view
+                else:
+                    batch["features"] = self._buffers.empty(shape, view.dtype).copy_(view)
+                del view
+            if ring is not None:
+                ring.collect()
             yield b, batch, stats
 
     def __iter__(self):
         plan, start, num_batches = self.epoch_plan(self.epoch), self.offset, len(self)
-        self._job.copy_(torch.tensor([self.epoch, start, num_batches]))
+        self._generation += 1
+        self._job.copy_(torch.tensor([self.epoch, start, num_batches, self._generation]))
         if self.config.num_workers > 0:
-            pool = self._workers(plan)
+            workers = iter(self._workers(plan))  # waits for the workers to drop the last iteration
             if self._ring is not None:
-                self._ring.reset()  # also ends zero-copy views of the previous iteration
-            source = self._receive(iter(pool))
+                self._ring.new_iteration(self._generation)
+            source = self._receive(workers)
         else:
-            source = (item[:3] for item in _BatchStream(self._spec, self._job, None))
+            source = (item[:3] for item in _BatchStream(self._spec, self._job, None, self._buffers))
         for expected, (b, batch, stats) in enumerate(source):
             if b != expected:
                 raise RuntimeError(f"loader: batch {b} arrived where {expected} was due (DataLoader order)")
