@@ -132,7 +132,13 @@ class QueryStage(nn.Module):
         dts = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, dt = checkpoint(block, x, return_dt, use_reentrant=False)
+                # early_stop ends the recomputation at the block's last tensor-saving op, i.e.
+                # inside the mixer's out_proj, where the backward pass enters the block. Were it
+                # to run on past out_proj's forward, ZeRO-3's post-forward hook would free the
+                # out_proj weight that backward has already gathered (its gradient then fails to
+                # accumulate into the empty parameter). HF's checkpointed decoder layers rely on
+                # the same order: their last tensor-saving op is the layer's last projection.
+                x, dt = checkpoint(block, x, return_dt, use_reentrant=False, early_stop=True)
             else:
                 x, dt = block(x, return_dt)
             if dt is not None:

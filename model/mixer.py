@@ -170,7 +170,8 @@ class Mamba2Mixer(nn.Module):
         """hidden_states [B, L, d_model] -> y [B, L, d_model], or (y, Δ [B, L, H]) with return_dt.
 
         Δ = clamp(softplus(dt + dt_bias), *dt_limit) per head, float32 (float64 for float64
-        inputs); for the bidirectional mixer the mean of both directions' Δ in original time order.
+        inputs), without autograd history; for the bidirectional mixer the mean of both directions'
+        Δ in original time order.
         """
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba2Mixer: expected hidden_states [batch, seqlen, {self.d_model}], "
@@ -185,11 +186,16 @@ class Mamba2Mixer(nn.Module):
         out = self.out_proj(y.to(hidden_states.dtype))
         if not return_dt:
             return out
-        dt_raw = zxbcdt[..., -self.nheads:].to(_at_least_fp32(zxbcdt.dtype))  # [B, L, H]
-        delta = self._delta(dt_raw, self.dt_bias)
-        if self.bidirectional:
-            # dt_raw is shared: reversing the backward scan's Δ only changes which bias it saw.
-            delta = (delta + self._delta(dt_raw, self.dt_bias_b)) / 2
+        # Δ only ranks frames (a hard top-k), so it carries no graph. Under activation
+        # checkpointing this also keeps out_proj the last op that saves tensors: the recomputation
+        # then stops inside out_proj, before ZeRO-3's post-forward hook would free the out_proj
+        # weight that the backward pass has already gathered (model/gpa.py, QueryStage).
+        with torch.no_grad():
+            dt_raw = zxbcdt[..., -self.nheads:].to(_at_least_fp32(zxbcdt.dtype))  # [B, L, H]
+            delta = self._delta(dt_raw, self.dt_bias)
+            if self.bidirectional:
+                # dt_raw is shared: reversing the backward scan's Δ only changes which bias it saw.
+                delta = (delta + self._delta(dt_raw, self.dt_bias_b)) / 2
         return out, delta
 
     def _delta(self, dt_raw: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:

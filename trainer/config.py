@@ -148,12 +148,6 @@ class RunConfig:
                               "parallel.pipeline_stages > 1")
         if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:
             raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3")
-        if self.parallel.zero_stage == 3 and self.model.compressor.gradient_checkpointing:
-            # Measured with DeepSpeed 0.19.8: the recomputation inside backward sees the block's
-            # partitioned (empty) parameters, non-reentrant and reentrant checkpointing alike.
-            raise ConfigError("model.compressor.gradient_checkpointing: fails under "
-                              "parallel.zero_stage=3 (DeepSpeed does not gather the block's "
-                              "parameters for the recomputation); use zero_stage 1/2 or switch it off")
         if self.checkpoint.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last: expected >= 1, got {self.checkpoint.keep_last}")
         if self.max_nonfinite_steps < 0:
