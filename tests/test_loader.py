@@ -312,3 +312,49 @@ def test_config_errors_and_sources(dataset, tok):
         VideoLoader([path / "nowhere"], tok, batch_size=2)
     with pytest.raises(ValueError, match="rank 2 outside world_size 2"):
         VideoLoader([path], tok, batch_size=2, rank=2, world_size=2)
+
+
+def test_buffer_pool_lends_a_buffer_again_only_once_unreferenced():
+    from data.collate import BufferPool
+
+    pool = BufferPool(size=2)
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    a = pool.empty((3, 4), torch.float16)
+    first = ptr(a)
+    del a
+    b = pool.empty((3, 4), torch.float16)
+    assert ptr(b) == first  # dropped: warm memory comes back
+    row = b[1]
+    arr = b.numpy()
+    del b
+    c = pool.empty((3, 4), torch.float16)
+    assert ptr(c) != first  # a row view still holds the first buffer
+    d = pool.empty((3, 4), torch.float16)  # both pooled buffers held: plain memory
+    assert len({first, ptr(c), ptr(d)}) == 3
+    del row, c
+    assert ptr(pool.empty((3, 4), torch.float16)) not in (first, ptr(d))  # the numpy view holds it
+    del arr
+    assert ptr(pool.empty((3, 4), torch.float16)) == first
+    assert pool.empty((5, 4), torch.float16).shape == (5, 4)  # a longer batch grows a free buffer
+
+
+def test_zero_copy_slots_reused_but_never_under_a_kept_view(dataset, tok):
+    path, _ = dataset
+    opts = dict(batch_size=2, seed=4, max_frames=4, num_workers=2, prefetch_factor=1)
+    copier = VideoLoader([path], tok, zero_copy=False, **opts)
+    copies = [_run(copier), _run(copier)]
+    loader = VideoLoader([path], tok, **opts)  # zero_copy is the default
+    kept = []
+    for epoch in range(2):  # the second iteration reuses the workers and the ring
+        ptrs = []
+        for n, batch in enumerate(loader):
+            _assert_same_batches([batch], [copies[epoch][n]])
+            ptrs.append(batch["features"].untyped_storage().data_ptr())
+            if n == 1:
+                kept.append((batch["features"][0], copies[epoch][1]["features"][0]))
+            if n == 2:
+                kept.append((batch["features"].numpy(), copies[epoch][2]["features"].numpy()))
+        assert len(ptrs) == 12 and len(set(ptrs)) < 12  # slots are refilled...
+        assert ptrs[1] not in ptrs[2:] and ptrs[2] not in ptrs[3:]  # ...but not under a kept view
+    for view, reference in kept:  # still intact after another epoch through the same ring
+        assert np.array_equal(np.asarray(view), np.asarray(reference))
