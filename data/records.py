@@ -193,6 +193,7 @@ class ShardReader:
         self.max_open = max_open
         self._tables: dict[str, ShardTable] = {}
         self._scratch = np.empty(_READ_PIECE // 2, dtype=np.uint16)
+        self._stage = np.empty(_READ_PIECE // 2, dtype=np.uint16)  # pieces bound for other dtypes
         self._fds: OrderedDict[str, int] = OrderedDict()
 
     def table(self, path: str) -> ShardTable:
@@ -254,13 +255,16 @@ class ShardReader:
 
         Runs of consecutive frames are read with positioned reads of about 1 MiB, each checked for
         NaN/inf right after it lands, while it is still in cache. A float16 `out` is filled in
-        place; any other dtype goes through one float16 staging buffer.
+        place; any other dtype gets each piece converted from a cache-sized float16 buffer (no
+        record-sized staging memory to fault in).
         """
+        if not out.is_contiguous():
+            raise ValueError("read_frames: `out` must be contiguous")
         _, patches, dim = head.shape
         frame_bytes = 2 * patches * dim
-        stage = out if out.dtype == torch.float16 else torch.empty(out.shape, dtype=torch.float16)
-        flat = stage.numpy().reshape(-1).view(np.uint16)
-        dest = memoryview(flat).cast("B")
+        direct = out.dtype == torch.float16
+        flat = out.numpy().reshape(-1).view(np.uint16) if direct else None
+        target = None if direct else out.view(-1)
         fd = self._fd(head.path)
         start = 0
         while start < len(frame_idx):
@@ -270,10 +274,11 @@ class ShardReader:
             source = head.data_offset + int(frame_idx[start]) * frame_bytes
             for lo in range(start * frame_bytes, end * frame_bytes, _READ_PIECE):
                 hi = min(lo + _READ_PIECE, end * frame_bytes)
-                if _read_exact(fd, dest[lo:hi], source + lo - start * frame_bytes) != hi - lo:
+                piece = flat[lo // 2: hi // 2] if direct else self._stage[: (hi - lo) // 2]
+                if _read_exact(fd, memoryview(piece).cast("B"), source + lo - start * frame_bytes) != hi - lo:
                     raise BadRecord("truncated", f"{head.path}: {head.key} features end early")
-                if self.check_finite and not _all_finite(flat[lo // 2: hi // 2], self._scratch):
+                if self.check_finite and not _all_finite(piece, self._scratch):
                     raise BadRecord("nonfinite", f"{head.path}: {head.key} features hold NaN or inf")
+                if not direct:
+                    target[lo // 2: hi // 2].copy_(torch.from_numpy(piece.view(np.float16)))
             start = end
-        if stage is not out:
-            out.copy_(stage)

@@ -358,3 +358,12 @@ def test_zero_copy_slots_reused_but_never_under_a_kept_view(dataset, tok):
         assert ptrs[1] not in ptrs[2:] and ptrs[2] not in ptrs[3:]  # ...but not under a kept view
     for view, reference in kept:  # still intact after another epoch through the same ring
         assert np.array_equal(np.asarray(view), np.asarray(reference))
+
+
+def test_float32_features_are_the_stored_float16_values(dataset, tok):
+    path, _ = dataset
+    opts = dict(batch_size=3, seed=6, max_frames=4, num_workers=0)
+    for b16, b32 in zip(_run(VideoLoader([path], tok, **opts)),
+                        _run(VideoLoader([path], tok, features_dtype="float32", **opts))):
+        _check_batch_content(b16, tok, 4)  # against the values each record was written with
+        assert b32["features"].dtype == torch.float32 and torch.equal(b32["features"], b16["features"].float())
