@@ -118,7 +118,7 @@ class FeatureRing:
         self.received: set[int] = set()
         """Slots the trainer process got from a worker and has not freed (trainer side only)."""
 
-    def acquire(self, worker: int, generation: int, first: int, wait_s: float = 0.2) -> int | None:
+    def acquire(self, worker: int, generation: int, first: int, wait_s: float = 0.05) -> int | None:
         """A free slot of `worker`, trying `first` (mod its count) first; None after `wait_s`."""
         n, base = self.slots_per_worker, worker * self.slots_per_worker
         deadline = time.monotonic() + wait_s
