@@ -7,6 +7,8 @@ step 3 (both ranks checkpoint and exit 85) -> resume to the end. Its losses, rea
 metrics.jsonl, must equal the oracle's step for step. A copy of the oracle's step-4 checkpoint
 resumed by ONE process continues at step 5. The oracle's final checkpoint, exported and loaded with
 `VideoLLM.from_pretrained`, must give the logits the trained model gave in the training process.
+That export then starts a 2-rank ZeRO-3 tiny stage 2 (LLM trainable): its checkpoint must hold
+every rank's partition files, and its export must give that run's trained logits.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ COMMON = [f"schedule.total_steps={STEPS}", "checkpoint.every_steps=2", "checkpoi
           "validation.every_steps=0", "logging.tensorboard=false", "parallel.zero_stage=2"]
 SIGNAL_ENV = "TEST_SIGNAL_AFTER_STEP"
 LOGITS_ENV = "TEST_DUMP_LOGITS"
+CONFIG_ENV = "TEST_CONFIG"
+STAGE2 = str(REPO_ROOT / "configs" / "tiny" / "stage2.yaml")
+STAGE2_ZERO3 = ["schedule.total_steps=2", "checkpoint.every_steps=2", "validation.every_steps=0",
+                "logging.tensorboard=false", "parallel.zero_stage=3"]
 
 
 def _fixed_batch(tokenizer, dim: int = 32):
@@ -66,7 +72,7 @@ def _train(argv: list[str]) -> int:
         return result
 
     train.build_engine, train.train_step = capture_engine, signalling_step
-    rc = train.main([CONFIG, f"run_dir={run_dir}", *overrides])
+    rc = train.main([os.environ.get(CONFIG_ENV, CONFIG), f"run_dir={run_dir}", *overrides])
     if os.environ.get(LOGITS_ENV):
         # Every rank runs the forward: under ZeRO-3 it gathers parameters from all of them.
         module = captured["engine"].module
@@ -100,6 +106,24 @@ def oracle(tiny_root):
     losses = _losses(run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return run, losses
+
+
+@pytest.fixture(scope="module")
+def oracle_export(tiny_root, oracle):
+    """The oracle exported where tiny stage 2's `init_from` looks for it."""
+    from trainer.export import main as export_main
+
+    out = tiny_root / "exports" / "stage1"
+    assert export_main([str(oracle[0]), str(out)]) == 0
+    return out
+
+
+def _logits_of(export: Path, dumped: dict) -> torch.Tensor:
+    from model.video_llm import VideoLLM
+
+    model = VideoLLM.from_pretrained(export).eval()
+    with torch.no_grad():
+        return model(**dumped["batch"]).logits
 
 
 @pytest.mark.slow
@@ -143,18 +167,44 @@ def test_two_rank_checkpoint_continues_on_one_rank(tiny_root, oracle):
 
 
 @pytest.mark.slow
-def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, oracle, tmp_path):
-    from model.video_llm import VideoLLM
+def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, oracle, oracle_export,
+                                                                  tmp_path):
     from trainer.export import main as export_main
 
     oracle_run, _ = oracle
-    out = tmp_path / "export"
-    assert export_main([str(oracle_run), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["compressor.safetensors", "llm", "mambamia.json",
-                                                      "projector.safetensors"]
-    model = VideoLLM.from_pretrained(out).eval()
+    assert sorted(p.name for p in oracle_export.iterdir()) == [
+        "compressor.safetensors", "llm", "mambamia.json", "projector.safetensors"]
     dumped = torch.load(tiny_root / "logits.pt", weights_only=False)
-    with torch.no_grad():
-        logits = model(**dumped["batch"]).logits
-    torch.testing.assert_close(logits, dumped["logits"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits_of(oracle_export, dumped), dumped["logits"], atol=1e-6, rtol=0)
     assert export_main([str(oracle_run), str(tmp_path / "x"), "--step", "5"]) == 1
+
+
+@pytest.mark.slow
+def test_zero3_stage2_checkpoint_holds_every_rank_and_exports_trained_logits(tiny_root, oracle_export,
+                                                                            tmp_path, capsys):
+    from trainer.export import main as export_main
+
+    run = tiny_root / "runs" / "stage2_zero3"
+    env = {"MAMBAMIA_TINY": str(tiny_root), CONFIG_ENV: STAGE2,
+           LOGITS_ENV: str(tiny_root / "logits_stage2.pt")}
+    assert launch(run, 2, *STAGE2_ZERO3, target=_train, env=env) == [0, 0]
+    ckpt = Checkpointer(run)
+    assert ckpt.latest_step() == 2 and (ckpt.info(2)["world_size"], ckpt.info(2)["zero_stage"]) == (2, 3)
+    # ZeRO-3 gives each rank a slice of every parameter: a checkpoint is complete only with all.
+    held = sorted(p.name for p in (ckpt.root / "2").glob("*_states.pt"))
+    assert held == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt"
+                    for r in range(2) for kind in ("model", "optim")]
+    out = tmp_path / "stage2"
+    assert export_main([str(run), str(out)]) == 0
+    dumped = torch.load(tiny_root / "logits_stage2.pt", weights_only=False)
+    logits = _logits_of(out, dumped)
+    torch.testing.assert_close(logits, dumped["logits"], atol=1e-6, rtol=0)
+    # The LLM trained (it started from the stage-1 export), so the oracle's logits differ.
+    stage1 = torch.load(tiny_root / "logits.pt", weights_only=False)["logits"]
+    assert (logits - stage1).abs().max() > 1e-3
+    # A partition missing (rank 1's model states) is refused with a message naming the file.
+    (ckpt.root / "2" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    capsys.readouterr()
+    assert export_main([str(run), str(tmp_path / "broken")]) == 1
+    assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in capsys.readouterr().err
+    assert not (tmp_path / "broken").exists()

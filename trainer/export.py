@@ -35,6 +35,21 @@ def read_model_states(folder: str | Path) -> dict:
                             "checkpoint folder")
 
 
+def check_zero3_partitions(folder: str | Path, world_size: int) -> None:
+    """Every rank's ZeRO-3 partition files must be in `folder`: each holds a slice of EVERY
+    parameter (trainable in its optimizer file, frozen in its model-states file), so a folder
+    missing one is not the trained model. DeepSpeed's reader says so only for optimizer files; a
+    missing model-states file it passes over (measured with 0.19.8)."""
+    # `*`: bf16 runs prefix the optimizer files with `bf16_`.
+    names = [f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt"
+             for rank in range(world_size) for kind in ("model", "optim")]
+    missing = [name for name in names if not any(Path(folder).glob(f"*{name}"))]
+    if missing:
+        raise FileNotFoundError(f"{folder}: ZeRO-3 checkpoint of {world_size} ranks lacks the partition "
+                                f"files {missing}; expected zero_pp_rank_<0..{world_size - 1}>_mp_rank_00_"
+                                "{model,optim}_states.pt (were all ranks writing to the same file system?)")
+
+
 def consolidated_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """Full state dict of the trained module from one checkpoint folder (any ZeRO stage, any size)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -74,6 +89,9 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
         raise FileNotFoundError(f"{ckpt.root / str(step)}: not a complete checkpoint; complete "
                                 f"steps are {ckpt.complete_steps()}")
     folder = ckpt.root / str(step)
+    info = ckpt.info(step)
+    if int(info.get("zero_stage", 0)) == 3:
+        check_zero3_partitions(folder, int(info["world_size"]))
     model = build_model(_run_config(folder, run_dir))
     from trainer.pipeline import is_pipeline_checkpoint, pipeline_state_dict
 
