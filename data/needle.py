@@ -49,7 +49,8 @@ class NeedleConfig:
     for uniform subsampling to miss it."""
     needle_side: float = 0.6
     """Side of the needle square as a fraction of the frame: large, so that even a tiny random
-    vision encoder's patch features change clearly with its colour."""
+    vision encoder's patch features change clearly with its colour (1.0: the whole frame flashes
+    the colour, the strongest signal; the demo uses it)."""
     distractors: int = 4
     """Grey discs moving in every frame, so consecutive frames always differ."""
     seed: int = 0
@@ -119,7 +120,11 @@ def write_needle_task(out_dir: str | Path, cfg: NeedleConfig, *, split: str, wor
     starts = rng.uniform(margin, cfg.duration_s - margin - cfg.needle_s, cfg.videos).tolist()
     ids = [f"{split}_{i:04d}" for i in range(cfg.videos)]
     jobs = [(cfg, i, colours[i], starts[i], str(video_dir / f"{ids[i]}.mp4")) for i in range(cfg.videos)]
-    bar = tqdm(total=cfg.videos, desc=f"render {split} videos", unit="video", disable=not progress)
+    import sys
+
+    # off a terminal every redraw is a new log line: redraw rarely there
+    bar = tqdm(total=cfg.videos, desc=f"render {split} videos", unit="video", disable=not progress,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             for _ in pool.map(_render_one, jobs):
