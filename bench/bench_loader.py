@@ -48,15 +48,6 @@ def write_shards(out: Path, args) -> list[Path]:
     return sorted(out.glob("*.tar"))
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def python_read(shards: list[Path]) -> None:
     buf = bytearray(8 << 20)
     view = memoryview(buf)
@@ -115,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=1152)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3, help="best of N timings per reader (all are printed)")
+    p.add_argument("--repeats", type=int, default=4, help="rounds; best of N timings per reader (all are printed)")
     p.add_argument("--video-seconds", type=int, default=8)
     p.add_argument("--dir", type=Path, help="shard folder to reuse or create (default: a temp dir)")
     args = p.parse_args(argv)
@@ -134,20 +125,29 @@ def main(argv: list[str] | None = None) -> int:
         python_read(shards)  # warm the page cache
         results = {}
         cat = lambda: subprocess.run(["cat", *map(str, shards)], stdout=subprocess.DEVNULL, check=True)  # noqa: E731
-        for name, fn in [("raw_cat", cat), ("raw_python", lambda: python_read(shards)),
-                         ("stock_webdataset", lambda: stock_pipeline(shards, args.workers)),
-                         ("ours_float16", our_loader(folder, tokenizer, args, "float16", True)),
-                         ("ours_float16_copy", our_loader(folder, tokenizer, args, "float16", False)),
-                         ("ours_float32", our_loader(folder, tokenizer, args, "float32", True))]:
+        readers = [("raw_cat", cat), ("raw_python", lambda: python_read(shards)),
+                   ("stock_webdataset", lambda: stock_pipeline(shards, args.workers)),
+                   ("ours_float16", our_loader(folder, tokenizer, args, "float16", True)),
+                   ("ours_float16_copy", our_loader(folder, tokenizer, args, "float16", False)),
+                   ("ours_float32", our_loader(folder, tokenizer, args, "float32", True))]
+        for name, fn in readers:
             if name.startswith("ours"):
                 fn()  # first epoch: forks workers and faults the ring in; the timed epochs reuse it
-            times = timed(fn, args.repeats)
-            seconds = min(times)
+        # Rounds, each timing every reader once: on a shared machine whose load comes and goes,
+        # every reader gets the same chances at a quiet moment; the best of its rounds counts.
+        times: dict[str, list[float]] = {name: [] for name, _ in readers}
+        for _ in range(args.repeats):
+            for name, fn in readers:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        for name, _ in readers:
+            seconds = min(times[name])
             results[name] = {"seconds": round(seconds, 3), "MB_per_s": round(total / 1e6 / seconds, 1),
                              "samples_per_s": round(samples / seconds, 2),
-                             "all_MB_per_s": [round(total / 1e6 / t, 1) for t in times]}
+                             "all_MB_per_s": [round(total / 1e6 / t, 1) for t in times[name]]}
             print(f"{name:18s} {results[name]['MB_per_s']:9.1f} MB/s {results[name]['samples_per_s']:8.2f} "
-                  f"samples/s  (all runs: {results[name]['all_MB_per_s']} MB/s)", flush=True)
+                  f"samples/s  (rounds: {results[name]['all_MB_per_s']} MB/s)", flush=True)
         raw = results["raw_cat"]["MB_per_s"]
         ratios = {f"{k}_vs_raw_cat": round(v["MB_per_s"] / raw, 3) for k, v in results.items() if k != "raw_cat"}
         for ours in ("ours_float16", "ours_float16_copy", "ours_float32"):
