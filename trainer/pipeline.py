@@ -519,7 +519,9 @@ class PipelineSteps:
 
     def __init__(self, engine, batches: Iterator[dict], device: torch.device, dtype: torch.dtype):
         self.engine = engine
-        self._seen: list[dict] = []
+        # Per micro-batch (keys, text tokens, samples, patch tokens): not the batch itself, whose
+        # features live in the loader's shared-memory ring and must be released for reuse.
+        self._seen: list[tuple[list[str], float, float, float]] = []
         self._wait = 0.0
         self._data = micro_batches(self._record(batches), device, dtype)
 
@@ -528,7 +530,9 @@ class PipelineSteps:
             t0 = time.perf_counter()
             batch = next(batches)
             self._wait += time.perf_counter() - t0
-            self._seen.append(batch)
+            self._seen.append((list(batch["keys"]), float(batch["attention_mask"].sum()),
+                               float(batch["input_ids"].shape[0]),
+                               float(batch["frame_mask"].sum() * batch["features"].shape[2])))
             yield batch
 
     def __call__(self, info):
@@ -542,13 +546,10 @@ class PipelineSteps:
         counted = self.engine.is_first_stage()
         totals = torch.zeros(3, dtype=torch.float64, device=info.device)
         keys: list[str] = []
-        for batch in self._seen:
-            keys += batch["keys"]
+        for batch_keys, *counts in self._seen:
+            keys += batch_keys
             if counted:
-                totals += torch.tensor([float(batch["attention_mask"].sum()),
-                                        float(batch["input_ids"].shape[0]),
-                                        float(batch["frame_mask"].sum() * batch["features"].shape[2])],
-                                       dtype=torch.float64, device=info.device)
+                totals += torch.tensor(counts, dtype=torch.float64, device=info.device)
         dist.all_reduce(totals)
         return StepResult(loss=loss, grad_norm=norm, skipped=skipped, tokens=int(totals[0]),
                           visual_tokens=0, samples=int(totals[1]), patch_tokens=int(totals[2]),
