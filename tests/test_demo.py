@@ -49,6 +49,12 @@ def test_every_output_exists(demo_out):
     assert (demo_out / "eval" / "mambamia.json").is_file() and (demo_out / "eval" / "mambamia.txt").is_file()
     report = json.loads((demo_out / "demo_report.json").read_text())
     assert all(Path(p).exists() for k, p in report["paths"].items() if k != "tensorboard")
+    # the issue asks for ZeRO-3: both stages really ran (and exported) under it
+    import yaml
+
+    for stage in ("stage1", "stage2"):
+        cfg = yaml.safe_load((demo_out / "runs" / stage / "config.yaml").read_text())
+        assert cfg["parallel"]["zero_stage"] == 3 == report["plan"]["zero_stage"]
 
 
 def test_tensorboard_has_both_stages_curves(demo_out):
@@ -118,7 +124,9 @@ def test_ablation_overrides_are_valid_configs(tmp_path, monkeypatch, override, f
 
     monkeypatch.setenv("MAMBAMIA_TINY", str(tmp_path))
     for stage in ("stage1.yaml", "stage2.yaml"):
-        cfg = load_config(CONFIGS / stage, [override, "parallel.zero_stage=3", "model.compressor.keyframes=8"])
+        cfg = load_config(CONFIGS / stage, [override, "parallel.zero_stage=3", "model.compressor.keyframes=8",
+                                            "optimizer.lr=1e-3", "optimizer.group_lr.compressor=1e-2",
+                                            "optimizer.group_lr.projector=1e-2"])
         assert getattr(cfg.model.compressor, field) == value
 
 
@@ -140,3 +148,25 @@ def test_plot_reads_resumed_and_truncated_metrics(tmp_path):
     (run / "metrics.jsonl").write_text("\n".join(["not json", *lines[:2]]))
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON object"):
         read_metrics(run / "metrics.jsonl")
+
+
+def test_ticker_redraws_sparsely_off_a_terminal(monkeypatch):
+    """Off a TTY each redraw is a log line: many ticks within LOG_REFRESH_S redraw at most once."""
+    import io
+    import sys
+
+    from trainer import demo
+
+    clock = [1000.0]
+    monkeypatch.setattr(demo.time, "time", lambda: clock[0])
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    bar = demo._bar("step", 10, "step")
+    draws = []
+    monkeypatch.setattr(bar, "refresh", lambda *a, **k: draws.append(clock[0]))
+    bar._demo_drawn = clock[0]
+    for i in range(200):  # 100 s of 0.5 s ticks
+        clock[0] += 0.5
+        demo._tick(bar, i % 10, f"loss {i}")
+    bar.disable = True
+    assert len(draws) == int(100 // demo.LOG_REFRESH_S)
+    assert all(b - a >= demo.LOG_REFRESH_S for a, b in zip([1000.0, *draws], draws))

@@ -6,7 +6,7 @@
 What it does, each step through the same commands a cluster user runs:
  1. builds a tiny tokenizer, Qwen2 LLM and SigLIP vision encoder locally (`trainer.tiny`);
  2. renders the needle task (`data.needle`): two-minute mp4 videos of moving grey discs with one
-    brief coloured square, and the question "what colour was it?" (chance 25%);
+    brief full-frame flash of colour, and the question "what colour was it?" (chance 25%);
  3. `mambamia convert`: decodes the videos, extracts SigLIP features, writes shards;
  4. `mambamia train` stage 1 (compressor + projector, LLM frozen), DeepSpeed ZeRO-3, 2 processes;
  5. `mambamia export`, then stage 2 (everything trains), interrupted by SIGUSR1 half-way (the
@@ -67,8 +67,8 @@ def _parse_args(argv: list[str]) -> DemoPlan:
     p.add_argument("--quick", action="store_true",
                    help="shortest run of every step: few short videos, a handful of steps")
     p.add_argument("--no-ablations", action="store_true", help="skip the uniform / avgpool runs")
-    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=2,
-                   help="DeepSpeed ZeRO stage (default 2: `mambamia export` cannot read ZeRO-3 checkpoints yet)")
+    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=3,
+                   help="DeepSpeed ZeRO stage of both training stages (default 3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     videos = args.videos if args.videos is not None else (8 if args.quick else 64)
