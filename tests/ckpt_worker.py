@@ -17,12 +17,13 @@ import json
 import os
 import multiprocessing
 import signal
-import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+from trainer.dist import free_port
 
 
 def _batch(step: int, micro: int, dim: int = 8, rows: int = 4):
@@ -140,12 +141,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_rank(target: Callable[[list[str]], int], argv: list[str], env: dict[str, str],
               log_file: Path) -> None:
     """Body of a forked rank: environment, output to its own file, exit with the target's code."""
@@ -188,7 +183,7 @@ def launch(run_dir: Path, world: int, *args: str, target: Callable[[list[str]], 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     ctx = multiprocessing.get_context("fork")
     procs, logs = [], []
     for rank in range(world):
