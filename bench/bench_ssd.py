@@ -21,7 +21,7 @@ Peak memory: on CUDA, torch.cuda.max_memory_allocated above the allocation befor
 the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) above its resident
 set before the call, with glibc told to map blocks of 128 KiB and more separately and return them
 on free, so the figure follows live memory (torch's or not) rather than the allocator's cache.
-While timing, glibc keeps blocks up to 32 MiB in its heap for reuse (for both sides alike).
+While timing, glibc keeps blocks up to 32 MiB and freed heap for reuse (for both sides alike).
 The last line of output is one JSON object with every figure and ratio.
 """
 from __future__ import annotations
@@ -47,10 +47,15 @@ from tests.test_ssd import naive_scan  # noqa: E402
 
 SLOW_S = 2.0  # a run longer than this is timed once
 _LIBC = ctypes.CDLL("libc.so.6")
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# While timing, blocks up to 32 MiB are recycled inside the heap (as a caching allocator would)
-# rather than mapped and page-faulted afresh on every call; applies to both sides of a comparison.
+# While timing, blocks up to 32 MiB (glibc's ceiling) are recycled inside the heap and freed heap is
+# kept (as a caching allocator would), rather than mapped and page-faulted afresh on every call:
+# on these VMs a first touch costs ~2.5 ns per float, more than the arithmetic of a streaming op.
+# Setting the mmap threshold freezes glibc's trim threshold at 128 KiB, hence the explicit trim one.
+# Applies to both sides of a comparison.
 _TIMING_MMAP_THRESHOLD = 32 * 2**20
+_TIMING_TRIM_THRESHOLD = 2**30
 
 
 def _rss_kib(field: str) -> int:
@@ -73,14 +78,20 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     # Blocks of 128 KiB and more get their own mappings, unmapped on free, so the resident set
     # follows live memory instead of glibc's cached heap; freed heap goes back to the OS first.
     _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
     _LIBC.malloc_trim(0)
     before = _rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current resident set
     fn()
     peak = (_rss_kib("VmHWM") - before) / 1024
-    _LIBC.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+    _timing_malloc()
     return peak
+
+
+def _timing_malloc() -> None:
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, _TIMING_TRIM_THRESHOLD)
 
 
 def best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -268,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, _TIMING_MMAP_THRESHOLD)
+        _timing_malloc()
     skip = set(args.skip.split(",")) - {""}
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, heads {args.heads} x headdim "

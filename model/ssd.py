@@ -42,8 +42,6 @@ _LOGGED_PATHS: set[str] = set()
 # tile while the loop over chunk states is cheap: 64 measured fastest for forward at headdim 64,
 # d_state 64 (bench/bench_ssd.py), about 2x faster than 256.
 REFERENCE_MAX_CHUNK = 64
-# ... and runs the chunks in blocks of about this many time steps (see chunk_scan_reference).
-REFERENCE_BLOCK_TOKENS = 2048
 # exp(-80) ~ 2e-35 and exp(-700) ~ 1e-304: the last steps before exp leaves the normal range.
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
@@ -151,12 +149,19 @@ def chunk_scan_reference(
 ):
     """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`.
 
-    Works in chunks of min(chunk_size, REFERENCE_MAX_CHUNK) time steps, processed in blocks of
-    about REFERENCE_BLOCK_TOKENS steps that hand the state on from one block to the next."""
+    Time is cut into chunks of cs = min(chunk_size, REFERENCE_MAX_CHUNK) steps and the chunks are
+    visited in order, each one's work done whole before the next: every intermediate is one chunk
+    in size (heads x cs x cs at most, cache-resident on CPU), memory is linear in L, and the state
+    is handed from chunk to chunk. Per chunk, with a_t = cumsum(dt A) from the chunk's start and
+    w_s = exp(a_end - a_s) dt_s x_s (token s's input as it stands at the chunk's end):
+        y_l     = exp(a_l) C_l . state_in  +  sum_{s<=l} (C_l . B_s) exp(a_l - a_s) dt_s x_s
+        state  <- exp(a_end) state_in + sum_s B_s w_s
+    """
     in_dtype = x.dtype
     cdt = torch.float64 if in_dtype == torch.float64 else torch.float32
     b, seqlen, h, p = x.shape
     g, n = B.shape[2:]
+    r = h // g  # heads per group: they share B and C
     cs = min(chunk_size, REFERENCE_MAX_CHUNK)
     nc = math.ceil(seqlen / cs)
     pad = nc * cs - seqlen
@@ -168,108 +173,80 @@ def chunk_scan_reference(
         dt = F.softplus(dt)  # threshold 20 as in the kernel: identity above it
     dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
 
-    # Padding steps get dt = 0: no decay and no input, so they leave the final state untouched.
-    def chunked(t: torch.Tensor) -> torch.Tensor:  # [b, l, ...] -> [b, c, cs, ...]
-        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
-        return t.reshape(b, nc, cs, *t.shape[2:])
-
-    x_c = chunked(x.to(cdt))  # [b, c, cs, h, p]
-    dt_c = chunked(dt)  # [b, c, cs, h]
-    B_c = chunked(B.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
-    C_c = chunked(C.to(cdt)).permute(0, 1, 3, 2, 4)  # [b, c, g, cs, n]
-    seqs: tuple = (None, None, None)
+    # The per-step decay factors of all chunks at once ([b, c, cs, h]: small), heads as (g, r).
+    # Padding steps (last chunk) get dt = 0: no decay and no input, so the final state is untouched.
+    dt_c = F.pad(dt, (0, 0, 0, pad)).reshape(b, nc, cs, g, r)
+    a = torch.cumsum(dt_c * A.to(cdt).reshape(g, r), dim=2)  # [b, c, cs, g, r]
+    decay_in = torch.exp(a)  # incoming state -> position l
+    decay_to_end = torch.exp(a[:, :, -1:] - a)  # position s -> chunk end
+    chunk_decay = decay_in[:, :, -1]  # [b, c, g, r], state_in -> state_out
+    keep = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()  # [l, s]
     if seq_idx is not None:
-        # Padding joins each row's last sequence so it cannot reset the final state.
+        # With packed sequences a factor that would carry state across a boundary is zeroed; the
+        # initial state belongs to sequence id 0, as in the kernel. Padding joins each row's last
+        # sequence so it cannot reset the final state.
         seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, nc, cs)
-        seq_end = seq[:, :, -1]  # [b, c]
-        seq_prev = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-        seqs = (seq, seq_end, seq_prev)
+        seq_end = seq[:, :, -1:]  # [b, c, 1]
+        seq_in = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
+        decay_in = decay_in * (seq == seq_in)[..., None, None].to(cdt)
+        decay_to_end = decay_to_end * (seq == seq_end)[..., None, None].to(cdt)
+        chunk_decay = chunk_decay * (seq_end == seq_in)[..., None].to(cdt)
+        keep = keep & (seq[..., :, None] == seq[..., None, :])  # [b, c, l, s]
+    else:
+        keep = keep.expand(b, nc, cs, cs)
+    drop = ~keep
+    carry_rp = chunk_decay.repeat_interleave(p, dim=-1)[:, :, :, None]  # [b, c, g, 1, r*p]
+    a_heads = a.permute(0, 1, 3, 4, 2)  # [b, c, g, r, cs]
+    # Per-chunk D x term, folded into the loop while the chunk is in cache.
+    D_hp = None if D is None else (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt)).expand(h, p)
 
     if initial_states is None:
-        state = torch.zeros(b, g, n, h // g, p, dtype=cdt, device=x.device)
-    else:
-        state = initial_states.to(cdt).reshape(b, g, h // g, p, n).permute(0, 1, 4, 2, 3)  # [b, g, n, r, p]
-    # Blocks of chunks keep every intermediate at block size (cache-sized, and bounded memory for
-    # inference); split, not slicing in a loop, so backward concatenates gradients once.
-    per_block = max(1, REFERENCE_BLOCK_TOKENS // cs)
-    pieces = [t.split(per_block, dim=1) if t is not None else [None] * math.ceil(nc / per_block)
-              for t in (x_c, dt_c, B_c, C_c, *seqs)]
-    ys = []
-    for x_b, dt_b, B_b, C_b, seq_b, seq_end_b, seq_prev_b in zip(*pieces):
-        y_b, state = _scan_chunks(x_b, dt_b, A.to(cdt), B_b, C_b, state, seq_b, seq_end_b, seq_prev_b)
-        ys.append(y_b)
-    y = torch.cat(ys, dim=1)  # [b, c, g, cs, r, p]
+        state = torch.zeros(b, g, n, r * p, dtype=cdt, device=x.device)
+    else:  # [b, h, p, n] -> one [n, r*p] matrix per group
+        state = initial_states.to(cdt).reshape(b, g, r, p, n).permute(0, 1, 4, 2, 3).reshape(b, g, n, r * p)
 
-    y = y.transpose(2, 3).reshape(b, nc * cs, h, p)[:, :seqlen]  # [b, l, h, p]
-    if D is not None:
-        y = torch.addcmul(y, x.to(cdt), D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt))
-    if z is not None:
-        y = y * F.silu(z.to(cdt))
-    y = y.to(in_dtype)
-    if return_final_states:
-        return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)  # [b, g, n, r, p] -> [b, h, p, n]
+    # The big inputs are split, not padded: the last chunk may be shorter (cl < cs). unbind and
+    # split, not [:, c]: indexing in a loop makes backward materialise one full-size zero gradient
+    # per chunk (quadratic in L); their backward stacks once.
+    none = [None] * nc
+    ys = []
+    for x_k, dt_k, z_k, B_k, C_k, a_k, drop_k, d_in, d_end, carry in zip(
+            x.split(cs, dim=1), dt_c.unbind(1), none if z is None else z.split(cs, dim=1),
+            B.split(cs, dim=1), C.split(cs, dim=1), a_heads.unbind(1), drop.unbind(1),
+            decay_in.unbind(1), decay_to_end.unbind(1), carry_rp.unbind(1)):
+        cl = x_k.shape[1]
+        x_k = x_k.to(cdt)
+        xdt = (x_k.reshape(b, cl, g, r, p) * dt_k[:, :cl, ..., None])  # [b, s, g, r, p]
+        Cg = C_k.to(cdt).transpose(1, 2)  # [b, g, l, n]
+        Bg = B_k.to(cdt).transpose(1, 2)  # [b, g, s, n]
+        # Within the chunk: (C_l . B_s), masked on the r-times smaller scores, times the decay
+        # exp(a_l - a_s) per head, clamped to [floor, 0] like the kernel's exp(min(., 0)): above
+        # the diagonal it is masked anyway, and below the floor exp leaves the normal float
+        # range, where it is ~8x slower and its value is nil next to the other terms.
+        scores = _matmul(Cg, Bg.transpose(-1, -2)).masked_fill(drop_k[:, None, :cl, :cl], 0.0)
+        a_k = a_k[..., :cl]
+        decay_ls = (a_k[..., :, None] - a_k[..., None, :]).clamp_(min=_EXP_FLOOR[cdt], max=0.0).exp_()
+        y_diag = (scores[:, :, None] * decay_ls) @ xdt.permute(0, 2, 3, 1, 4).contiguous()  # [b, g, r, l, p]
+        # The incoming state read out: one [cl, n] x [n, r*p] product per group.
+        y_off = _matmul(Cg, state).reshape(b, g, cl, r, p) * d_in[:, :cl].transpose(1, 2)[..., None]
+        y_k = (y_off + y_diag.transpose(2, 3)).transpose(1, 2).reshape(b, cl, h, p)
+        if D_hp is not None:
+            y_k = torch.addcmul(y_k, x_k, D_hp)
+        if z_k is not None:
+            y_k = y_k * F.silu(z_k.to(cdt))
+        ys.append(y_k.to(in_dtype))
+        # The state handed on: decayed, plus this chunk's own inputs as they stand at its end.
+        w = (xdt * d_end[:, :cl, ..., None]).transpose(1, 2).reshape(b, g, cl, r * p)
+        state = torch.addcmul(_matmul(Bg.transpose(-1, -2), w), carry, state)
+    y = torch.cat(ys, dim=1)  # [b, l, h, p]
+    if return_final_states:  # [b, g, n, r*p] -> [b, h, p, n]
+        return y, state.reshape(b, g, n, r, p).permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
     return y
 
 
-def _scan_chunks(x_c, dt_c, A, B_c, C_c, state, seq, seq_end, seq_prev):
-    """Steps 1-4 of the chunked scan over consecutive chunks, from the state entering the first.
-
-    x_c [b, c, cs, h, p], dt_c [b, c, cs, h] (processed), A [h], B_c/C_c [b, c, g, cs, n],
-    state [b, g, n, r, p] (r = heads per group); seq/seq_end/seq_prev: chunk sequence ids or None.
-    Returns y [b, c, g, cs, r, p] and the state after the last chunk.
-    """
-    b, nc, cs, h, p = x_c.shape
-    g, n, r = state.shape[1], state.shape[2], state.shape[3]
-    cdt = x_c.dtype
-
-    # Heads split as (g, r) so B and C are shared by the r heads of a group without a copy.
-    dA_cs = torch.cumsum(dt_c * A, dim=2)  # [b, c, cs, h]
-    # Contiguous head-major layouts: elementwise results inherit their inputs' strides, and the
-    # [l, s] buffers below must come out contiguous or every matmul on them copies them first.
-    dA_cs = dA_cs.permute(0, 1, 3, 2).reshape(b, nc, g, r, cs).contiguous()  # [b, c, g, r, cs]
-    xdt_tok = (x_c * dt_c[..., None]).reshape(b, nc, cs, g, r, p).transpose(2, 3)  # [b, c, g, s, r, p]
-    xdt = xdt_tok.permute(0, 1, 2, 4, 3, 5).contiguous()  # [b, c, g, r, s, p]
-
-    # 1. Within a chunk: y_l += sum_{s<=l} (C_l . B_s) exp(dA_cs_l - dA_cs_s) dt_s x_s.
-    # The causal (and sequence) mask goes on the r-times smaller C.B scores. The [.., l, s] decay,
-    # the largest buffer, is built in place and clamped to [floor, 0] like the kernel's
-    # exp(min(., 0)): above the diagonal it is masked anyway, and below the floor exp leaves the
-    # normal float range, where it is ~8x slower and its value is nil next to the other terms.
-    keep = torch.ones(cs, cs, dtype=torch.bool, device=x_c.device).tril()  # [l, s]
-    if seq is not None:
-        keep = keep & (seq[..., :, None] == seq[..., None, :])[:, :, None]
-    scores = (C_c @ B_c.transpose(-1, -2)).masked_fill(~keep, 0.0)[:, :, :, None]  # [b, c, g, 1, l, s]
-    decay_ls = dA_cs[..., :, None] - dA_cs[..., None, :]  # [b, c, g, r, l, s]
-    decay_ls = decay_ls.clamp_(min=_EXP_FLOOR[cdt], max=0.0).exp_()
-    y_diag = (scores * decay_ls) @ xdt  # [b, c, g, r, l, p]
-
-    # Steps 2-4 hold a group's states as one [n, r*p] matrix: its r heads share B and C, so each
-    # chunk's state build-up and read-out is one [cs, n] x [n, r*p] product, not r small ones.
-    dA_tok = dA_cs.transpose(-1, -2)  # [b, c, g, s, r]
-
-    # 2. Each chunk's own contribution to the state at its end.
-    decay_to_end = torch.exp(dA_tok[..., -1:, :] - dA_tok)  # [b, c, g, s, r]
-    if seq is not None:
-        decay_to_end = decay_to_end * (seq == seq_end[..., None])[:, :, None, :, None].to(cdt)
-    weighted = (xdt_tok * decay_to_end[..., None]).reshape(b, nc, g, cs, r * p)
-    chunk_states = B_c.transpose(-1, -2) @ weighted  # [b, c, g, n, r*p]
-
-    # 3. Chunk to chunk: a sequential loop over chunk states (linear memory, no chunk x chunk
-    # segment-sum matrix); the state entering chunk c is what step 4 reads.
-    chunk_decay = torch.exp(dA_cs[..., -1])  # [b, c, g, r]
-    if seq is not None:
-        chunk_decay = chunk_decay * (seq_end == seq_prev)[:, :, None, None].to(cdt)
-    states_in = []
-    # unbind, not [:, c]: indexing in a loop makes backward materialise one full-size zero
-    # gradient per chunk (quadratic in L); unbind's backward stacks once.
-    for carry, new_state in zip(chunk_decay.unbind(1), chunk_states.unbind(1)):
-        states_in.append(state)
-        state = torch.addcmul(new_state.reshape(b, g, n, r, p), carry[:, :, None, :, None], state)
-    prev_states = torch.stack(states_in, dim=1).reshape(b, nc, g, n, r * p)
-
-    # 4. The incoming state read out at each position: y_l += exp(dA_cs_l) C_l . state_in.
-    decay_in = torch.exp(dA_tok)  # [b, c, g, l, r]
-    if seq is not None:
-        decay_in = decay_in * (seq == seq_prev[..., None])[:, :, None, :, None].to(cdt)
-    y_off = (C_c @ prev_states).reshape(b, nc, g, cs, r, p)
-    return torch.addcmul(y_diag.transpose(3, 4), y_off, decay_in[..., None]), state
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., i, k] @ b [..., k, j], as one 2-D product when the leading dims hold one matrix:
+    on CPU a 2-D product of these shapes runs about twice as fast as a batched one."""
+    if a.shape[:-2].numel() == 1 and b.shape[:-2].numel() == 1:
+        return (a.reshape(a.shape[-2:]) @ b.reshape(b.shape[-2:])).reshape(*a.shape[:-1], b.shape[-1])
+    return a @ b

@@ -14,8 +14,6 @@ from model.ssd import chunk_scan
 @pytest.fixture(autouse=True)
 def _reference_path(monkeypatch):
     monkeypatch.setattr(ssd, "FORCE_IMPL", "reference")
-    # Several blocks of chunks even at test lengths, so the state hand-over between blocks runs.
-    monkeypatch.setattr(ssd, "REFERENCE_BLOCK_TOKENS", 16)
 
 
 def naive_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
