@@ -1,6 +1,8 @@
 """Annotation files in the forms datasets publish them, normalised to one per-video item.
 
-Formats (JSON list or JSONL, one item per element/line; `auto` looks at the first item's fields):
+Files: a JSON list, JSONL, or Parquet (`.parquet`, as Video-MME publishes its test set on the
+Hugging Face hub; needs pyarrow: `pip install 'mambamia[parquet]'`), one item per element, line or
+row. Formats (`auto` looks at the first item's fields):
 - `llava`: LLaVA-Video / ShareGPT: {"video", "conversations": [{"from": "human"|"gpt", "value"}]}
   (an optional leading "system" turn is kept). The image/video placeholder becomes exactly one
   `<video>`, in the first human turn.
@@ -87,10 +89,14 @@ def _short(value: Any) -> str:
 
 
 def read_records(path: str | Path) -> Iterator[tuple[_Ctx, dict]]:
-    """Each object of a JSON list or JSONL file, with its location ('line N' or 'record N')."""
+    """Each object of a JSON list, JSONL or Parquet file, with its location ('line N', 'record N'
+    or 'row N')."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path)
+        return
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -114,6 +120,24 @@ def read_records(path: str | Path) -> Iterator[tuple[_Ctx, dict]]:
         if not isinstance(record, dict):
             raise AnnotationError(f"{path}:line {lineno}: expected a JSON object, got {_short(record)}")
         yield _Ctx(path, f"line {lineno}"), record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[_Ctx, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise AnnotationError(f"{path}: reading Parquet needs pyarrow: pip install 'mambamia[parquet]' "
+                              "(or convert the file to JSONL)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises its own error types for damaged files
+        raise AnnotationError(f"{path}: not a readable Parquet file ({_short(str(err))})") from None
+    # Row groups one at a time: list columns (Video-MME's options) become Python lists.
+    row = 0
+    for batch in table.to_batches():
+        for record in batch.to_pylist():
+            yield _Ctx(path, f"row {row}"), record
+            row += 1
 
 
 def detect_format(record: dict) -> str | None:

@@ -23,8 +23,9 @@ examples:
   mambamia convert --annotations llava_video_0_30s.json --videos /data/videos \\
       --encoder /models/siglip-so400m --pool 2 --fps 1 --max-frames 64 --out /shards/llava --merge
 
-  # Video-MME questions over per-video feature files extracted elsewhere (<videoID>.npy)
-  mambamia convert --annotations videomme.jsonl --format videomme --features /feats/videomme \\
+  # Video-MME questions (its hub Parquet file; JSON/JSONL also read) over per-video feature
+  # files extracted elsewhere (<videoID>.npy); Parquet needs pip install 'mambamia[parquet]'
+  mambamia convert --annotations videomme/test-00000-of-00001.parquet --features /feats/videomme \\
       --encoder-name siglip-so400m --fps 1 --out /shards/videomme --merge
 
   # 8 SLURM tasks (rank/world size from SLURM_PROCID/SLURM_NTASKS), then one merge step
@@ -199,7 +200,7 @@ def convert_main(argv: list[str]) -> int:
                     "Video-MME multiple-choice questions) plus their videos or per-video feature files "
                     "into WebDataset shards of float16 frame features, one record per video.")
     g = parser.add_argument_group("inputs")
-    g.add_argument("--annotations", nargs="+", metavar="FILE", help="JSON or JSONL annotation files")
+    g.add_argument("--annotations", nargs="+", metavar="FILE", help="JSON, JSONL or Parquet annotation files")
     g.add_argument("--format", choices=FORMATS, default="auto", help="annotation format (default: from the fields)")
     g.add_argument("--videos", metavar="DIR", help="root the annotations' video paths are relative to")
     g.add_argument("--features", metavar="DIR",

@@ -71,6 +71,36 @@ def test_videomme_flat_and_nested(tmp_path):
     assert nested[0].qa[0] == want and nested[0].qa[1]["answer"] == 0
 
 
+def test_videomme_parquet_as_published(tmp_path):
+    """Video-MME's hub release is one Parquet file (options a list column); rows read from it
+    parse exactly as the same rows written as JSONL, and a damaged file is a one-line error."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = [{"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity",
+             "url": "https://www.youtube.com/watch?v=fFjv93ACGo8", "videoID": "fFjv93ACGo8",
+             "question_id": f"001-{i}", "task_type": "Counting Problem", "question": f"How many {i}?",
+             "options": ["A. One.", "B. Two.", "C. Three.", "D. Four."], "answer": "ABCD"[i]} for i in range(3)]
+    rows.append({**rows[0], "video_id": "602", "duration": "long", "videoID": "zzLongVid01",
+                 "question_id": "602-1", "answer": "B"})
+    path = tmp_path / "test-00000-of-00001.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)  # several row groups
+    from_parquet = parse_file(path)  # auto-detected
+    from_jsonl = parse_file(_write(tmp_path / "same.jsonl", rows, jsonl=True))
+    assert [(i.video, i.qa) for i in from_parquet] == [(i.video, i.qa) for i in from_jsonl]
+    assert [q["answer"] for i in from_parquet for q in i.qa] == [0, 1, 2, 1]
+    assert from_parquet[-1].qa[0]["duration_bucket"] == "long"
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AnnotationError, match=r"^\S*bad\.parquet: not a readable Parquet file"):
+        parse_file(bad)
+    rows[1]["answer"] = "E"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(AnnotationError, match=r"parquet:row 1: field 'answer': expected a letter A-D"):
+        parse_file(path)
+
+
 def test_mlvu_and_lvbench(tmp_path):
     mlvu = parse_file(_write(tmp_path / "1_plotQA.json", [
         {"video": "movie101_66.mp4", "duration": 246.0, "question": "What does he hold?",
