@@ -37,10 +37,11 @@ _FUSED: Callable | None = None
 _FUSED_RESOLVED = False
 _LOGGED_PATHS: set[str] = set()
 
-# The PyTorch path tiles time at min(chunk_size, this). chunk_size only sets the blocking (the result
-# is the same recurrence, tested), and on CPU the intra-chunk [l, s] work per token grows with the
-# tile while the loop over chunk states is cheap: 64 measured fastest for forward at headdim 64,
-# d_state 64 (bench/bench_ssd.py), about 2x faster than 256.
+# On CPU the PyTorch path tiles time at min(chunk_size, this). chunk_size only sets the blocking (the
+# result is the same recurrence, tested), and on CPU the intra-chunk [l, s] work per token grows with
+# the tile while a chunk's matrices stay in cache: 64 measured fastest for forward at headdim 64,
+# d_state 64 (bench/bench_ssd.py), about 2x faster than 256. On a GPU (no mamba_ssm) the chunk
+# loop's kernel launches cost more than the [l, s] work, so chunk_size is used as given.
 REFERENCE_MAX_CHUNK = 64
 # exp(-80) ~ 2e-35 and exp(-700) ~ 1e-304: the last steps before exp leaves the normal range.
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
@@ -149,10 +150,10 @@ def chunk_scan_reference(
 ):
     """The chunked SSD in PyTorch (any device, differentiable); same contract as `chunk_scan`.
 
-    Time is cut into chunks of cs = min(chunk_size, REFERENCE_MAX_CHUNK) steps and the chunks are
-    visited in order, each one's work done whole before the next: every intermediate is one chunk
-    in size (heads x cs x cs at most, cache-resident on CPU), memory is linear in L, and the state
-    is handed from chunk to chunk. Per chunk, with a_t = cumsum(dt A) from the chunk's start and
+    Time is cut into chunks of cs = chunk_size steps (at most REFERENCE_MAX_CHUNK on CPU), visited
+    in order, each one's work done whole before the next: every intermediate is one chunk in size
+    (heads x cs x cs at most, cache-resident on CPU), memory is linear in L, and the state is
+    handed from chunk to chunk. Per chunk, with a_t = cumsum(dt A) from the chunk's start and
     w_s = exp(a_end - a_s) dt_s x_s (token s's input as it stands at the chunk's end):
         y_l     = exp(a_l) C_l . state_in  +  sum_{s<=l} (C_l . B_s) exp(a_l - a_s) dt_s x_s
         state  <- exp(a_end) state_in + sum_s B_s w_s
@@ -162,7 +163,7 @@ def chunk_scan_reference(
     b, seqlen, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g  # heads per group: they share B and C
-    cs = min(chunk_size, REFERENCE_MAX_CHUNK)
+    cs = min(chunk_size, REFERENCE_MAX_CHUNK) if x.device.type == "cpu" else chunk_size
     nc = math.ceil(seqlen / cs)
     pad = nc * cs - seqlen
 
