@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, heads {args.heads} x headdim "
           f"{args.headdim}, d_state {args.d_state}, chunk_size {args.chunk_size} (PyTorch path tiles at "
-          f"{min(args.chunk_size, ssd.REFERENCE_MAX_CHUNK)})", flush=True)
+          f"{min(args.chunk_size, ssd.REFERENCE_MAX_CHUNK) if device.type == 'cpu' else args.chunk_size})",
+          flush=True)
     clock = "wall" if device.type == "cuda" or torch.get_num_threads() > 1 else "thread CPU time"
     report: dict = {"device": str(device), "threads": torch.get_num_threads(), "clock": clock, "heads": args.heads,
                     "headdim": args.headdim, "d_state": args.d_state, "chunk_size": args.chunk_size,
