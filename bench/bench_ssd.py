@@ -8,7 +8,8 @@ Sections (all float32, batch 1):
   ssd         model.ssd.chunk_scan vs the sequential recurrence of tests/test_ssd.py (one time step
               per iteration), forward, at each --lengths; the naive scan beyond --naive-max-len is
               extrapolated linearly from the longest measured length (its cost per step is fixed)
-              and marked so. Our forward+backward is reported too.
+              and marked so. Our forward+backward is reported too. On CPU also the GEMM floor: the
+              matrix products every chunked SSD must do, timed alone (the machine's ceiling).
   mixer       our causal Mamba2Mixer vs transformers' Mamba2Mixer on its torch path, same weights,
               forward and forward+backward; our bidirectional mixer's forward+backward beside them.
   compressor  model.compressor.VideoCompressor, kind "mambamia" vs the "transformer" ablation, time
@@ -153,6 +154,8 @@ def bench_ssd(args, device: torch.device) -> list[dict]:
 
         row = {"L": length, "ours_fwd": measure(ours, device, args.repeats),
                "ours_fwd_bwd": measure(ours_train, device, args.repeats)}
+        if device.type == "cpu":
+            row["gemm_floor_fwd_s"] = round(best_time(gemm_floor(length, args), device, args.repeats), 4)
         if length <= args.naive_max_len:
             row["naive_fwd"] = measure(naive, device, 1)
             row["naive_extrapolated"] = False
@@ -161,12 +164,39 @@ def bench_ssd(args, device: torch.device) -> list[dict]:
             row["naive_fwd"] = {"s": round(naive_per_step * length, 4), "peak_mib": None}
             row["naive_extrapolated"] = True
         row["speedup_vs_naive"] = round(row["naive_fwd"]["s"] / row["ours_fwd"]["s"], 2)
+        if "gemm_floor_fwd_s" in row:
+            row["naive_over_gemm_floor"] = round(row["naive_fwd"]["s"] / row["gemm_floor_fwd_s"], 2)
         rows.append(row)
         print(f"ssd L={length:6d}  ours fwd {row['ours_fwd']['s']:.4f}s {row['ours_fwd']['peak_mib']:8.1f}MiB"
               f"  fwd+bwd {row['ours_fwd_bwd']['s']:.4f}s {row['ours_fwd_bwd']['peak_mib']:8.1f}MiB"
               f"  naive fwd {row['naive_fwd']['s']:.4f}s{' (extrapolated)' if row['naive_extrapolated'] else ''}"
-              f"  speed-up x{row['speedup_vs_naive']}", flush=True)
+              f"  speed-up x{row['speedup_vs_naive']}"
+              + (f"  | GEMM floor {row['gemm_floor_fwd_s']:.4f}s: naive/floor x{row['naive_over_gemm_floor']}"
+                 if "gemm_floor_fwd_s" in row else ""), flush=True)
     return rows
+
+
+def gemm_floor(length: int, args) -> Callable[[], object]:
+    """The matrix products no chunked SSD can avoid, alone: per chunk of cs tokens (the CPU tile),
+    the incoming state read out ([cs, n] x [n, h*p]), the chunk's state contribution ([n, cs] x
+    [cs, h*p]) and the within-chunk mixing ([cs, cs] x [cs, h*p], the per-head products' FLOPs as
+    one), on contiguous operands with nothing else. naive / this time is the largest speed-up any
+    implementation with these FLOPs can show on the machine; the rest of ours is the decay
+    exponentials, masks and per-op dispatch of eager PyTorch."""
+    cs = min(args.chunk_size, ssd.REFERENCE_MAX_CHUNK)
+    hp, n = args.heads * args.headdim, args.d_state
+    chunks = math.ceil(length / cs)
+    gen = torch.Generator().manual_seed(1)
+    C, Bt, scores = (torch.randn(chunks, *shape, generator=gen) for shape in ((cs, n), (n, cs), (cs, cs)))
+    w, state = torch.randn(chunks, cs, hp, generator=gen), torch.randn(n, hp, generator=gen)
+
+    def run():
+        with torch.no_grad():
+            for k in range(chunks):
+                torch.mm(C[k], state)
+                torch.mm(scores[k], w[k])
+                torch.mm(Bt[k], w[k])
+    return run
 
 
 def bench_mixer(args, device: torch.device) -> list[dict]:
@@ -303,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         targets["ssd_speedup_vs_naive_at_max_L"] = last["speedup_vs_naive"]
         targets["ssd_naive_extrapolated"] = last["naive_extrapolated"]
         targets["ssd_meets_20x"] = last["speedup_vs_naive"] >= 20
+        if "naive_over_gemm_floor" in last:
+            targets["ssd_naive_over_gemm_floor_at_max_L"] = last["naive_over_gemm_floor"]
     if "mixer" in report:
         last = report["mixer"][-1]
         targets["mixer_fwd_speedup_vs_transformers_at_max_L"] = last["fwd_speedup_vs_transformers"]

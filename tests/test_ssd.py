@@ -11,9 +11,13 @@ from model import ssd
 from model.ssd import chunk_scan
 
 
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch):
+@pytest.fixture(autouse=True, params=["factored", "segsum"])
+def _reference_path(request, monkeypatch):
+    """Every test runs twice: chunks with moderate decay take the factored within-chunk product
+    (the default here, the inputs' decays are moderate), or every chunk takes the segment-sum path."""
     monkeypatch.setattr(ssd, "FORCE_IMPL", "reference")
+    if request.param == "segsum":
+        monkeypatch.setattr(ssd, "_FACTOR_LIMIT", {torch.float32: -1.0, torch.float64: -1.0})
 
 
 def naive_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -119,6 +123,40 @@ def test_seq_idx_resets_state_between_packed_sequences():
     sliced = {k: inputs[k][:1, 11:23] for k in ("x", "dt", "B", "C")}
     alone = chunk_scan(**sliced, A=inputs["A"], D=inputs["D"], chunk_size=8, dt_softplus=True)
     torch.testing.assert_close(y[:1, 11:23], alone, rtol=1e-9, atol=1e-9)
+
+
+def test_strong_decay_chunks_in_one_scan_match_in_float64_and_float32():
+    """Decay logs within a chunk from ~10 (first 64 steps) to thousands (after): far past exp's
+    float range, so no factoring of exp(a_l - a_s) can hold there; those chunks must still match."""
+    gen = torch.Generator().manual_seed(11)
+    b, l, h, p, g, n, chunk = 2, 200, 4, 8, 2, 16, 64
+    A = -torch.tensor([1.0, 4.0, 16.0, 10.0], dtype=torch.float64)
+    dt = torch.cat([torch.full((b, 64, h), 0.01, dtype=torch.float64),
+                    torch.rand(b, l - 64, h, generator=gen, dtype=torch.float64) * 3], dim=1)
+    a = torch.cumsum((dt * A)[:, :3 * chunk].reshape(b, 3, chunk, h), dim=2)  # the 3 whole chunks
+    assert a[:, 0].abs().max() < 60 and a[:, 1:].abs().amax(dim=(0, 2, 3)).min() > 1000
+    inputs = {"x": torch.randn(b, l, h, p, generator=gen, dtype=torch.float64), "dt": dt, "A": A,
+              "B": torch.randn(b, l, g, n, generator=gen, dtype=torch.float64),
+              "C": torch.randn(b, l, g, n, generator=gen, dtype=torch.float64),
+              "D": torch.rand(h, generator=gen, dtype=torch.float64),
+              "z": torch.randn(b, l, h, p, generator=gen, dtype=torch.float64),
+              "initial_states": torch.randn(b, h, p, n, generator=gen, dtype=torch.float64)}
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    y_ref, final_ref = naive_scan(**inputs)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        y, final = chunk_scan(**{k: v.detach().to(dtype) for k, v in inputs.items()}, chunk_size=chunk,
+                              return_final_states=True)
+        assert torch.isfinite(y).all()
+        assert (y.double() - y_ref).abs().max() <= tol * y_ref.abs().max()
+        assert (final.double() - final_ref).abs().max() <= tol * final_ref.abs().max()
+    # Gradients through both kinds of chunk (float64): finite, and the recurrence's.
+    y, final = chunk_scan(**inputs, chunk_size=chunk, return_final_states=True)
+    weights = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    names = sorted(inputs)
+    got = torch.autograd.grad((y * weights).sum() + final.sum(), [inputs[k] for k in names])
+    want = torch.autograd.grad((y_ref * weights).sum() + final_ref.sum(), [inputs[k] for k in names])
+    for name, g_got, g_want in zip(names, got, want):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-8, atol=1e-8, msg=lambda m: f"grad of {name}: {m}")
 
 
 def test_independent_of_chunk_size_and_two_segments_equal_one_pass():
