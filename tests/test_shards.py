@@ -142,3 +142,21 @@ def test_bad_input_errors(tmp_path):
         write_index(tmp_path)
     with pytest.raises(RuntimeError, match="no complete shards"):
         write_index(tmp_path / "empty")
+
+
+def test_all_finite_bit_test_agrees_with_numpy_on_every_float16():
+    """Oracle: np.isfinite, over all 65536 float16 bit patterns together, then each of the 2048
+    NaN/inf patterns and every 16th finite one alone among finite values, at either end of a chunk."""
+    from data.records import all_finite
+
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(patterns)
+    assert not finite.all() and finite.sum() == 63488  # 2 x 31 exponents x 1024 mantissas
+    assert all_finite(patterns) is False and all_finite(patterns[finite]) is True
+    base = np.linspace(-65504, 65504, 10).astype(np.float16)
+    for bits in np.concatenate([np.flatnonzero(~finite), np.flatnonzero(finite)[::16]]):
+        for where in (0, len(base) - 1):
+            probe = base.copy()
+            probe[where] = patterns[bits]
+            assert all_finite(probe, chunk=4) == bool(finite[bits]), hex(bits)
