@@ -11,10 +11,9 @@ The recurrence, per batch b and head h (r = h's group for B and C):
 with s_{-1} = initial_states and s reset to 0 wherever seq_idx changes (packed sequences; the
 initial state belongs to sequence id 0, as in the kernel).
 
-The chunked form splits time into chunks and works chunk x chunk inside a chunk and
-chunk-to-chunk through a short sequential loop over chunk states, so memory grows linearly with L:
-the largest buffers hold heads x chunk values per time step, and without autograd only one block
-of chunks (REFERENCE_BLOCK_TOKENS steps) is alive at a time.
+The chunked form splits time into chunks, works chunk x chunk inside a chunk and hands the state
+from chunk to chunk in a sequential loop, so memory grows linearly with L: the largest buffers
+hold heads x chunk values per time step, and without autograd only one chunk's are alive at a time.
 
 Run the tests: `python -m pytest tests/test_ssd.py -q`.
 """
