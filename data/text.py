@@ -94,7 +94,7 @@ def answer_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, 
         if m["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)):
             raise ValueError("chat template: rendering a prefix of the conversation is not a prefix "
                              "of the full rendering; cannot locate the answers")
