@@ -135,18 +135,24 @@ def skip_shm_build() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
+def build_optimizer(groups: list[dict], cfg: RunConfig, *, total_steps: int, on_cuda: bool):
+    """The client AdamW over `groups` and its warmup + cosine LambdaLR: (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                  fused=on_cuda)
+    warmup = warmup_steps(cfg, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule.min_lr_ratio))
+    return optimizer, scheduler
+
+
 def build_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, total_steps: int,
                  on_cuda: bool):
     """Freeze, group, schedule and wrap: returns (engine, optimizer, lr_scheduler)."""
     import deepspeed
 
     freeze(model, cfg.trainable)
-    groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                  fused=on_cuda)
-    warmup = warmup_steps(cfg, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule.min_lr_ratio))
+    optimizer, scheduler = build_optimizer(param_groups(model, cfg), cfg, total_steps=total_steps,
+                                           on_cuda=on_cuda)
     if not on_cuda:
         skip_shm_build()
     engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -404,8 +404,7 @@ def build_pipeline_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, 
     """
     import deepspeed
 
-    from trainer.engine import (build_ds_config, freeze, lr_factor, param_groups, skip_shm_build,
-                                warmup_steps)
+    from trainer.engine import build_ds_config, build_optimizer, freeze, param_groups, skip_shm_build
 
     stages = cfg.parallel.pipeline_stages
     check_layout(stages=stages, world_size=world_size, zero_stage=cfg.parallel.zero_stage,
@@ -418,11 +417,7 @@ def build_pipeline_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, 
     if len(module.group_anchors) == len(groups):
         raise ConfigError(f"parallel.pipeline_stages: stage {module.stage_id} holds no trainable "
                           f"parameter of {cfg.trainable}; use fewer stages or train the LLM too")
-    optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                  fused=on_cuda)
-    warmup = warmup_steps(cfg, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule.min_lr_ratio))
+    optimizer, scheduler = build_optimizer(groups, cfg, total_steps=total_steps, on_cuda=on_cuda)
     if not on_cuda:
         skip_shm_build()
     ds_config = build_ds_config(cfg, world_size // stages, on_cuda=on_cuda)
