@@ -196,9 +196,12 @@ def chunk_scan_reference(
         seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], dim=1).reshape(b, nc, cs)
         seq_end = seq[:, :, -1:]  # [b, c, 1]
         seq_in = torch.cat([torch.zeros_like(seq_end[:, :1]), seq_end[:, :-1]], dim=1)
-        decay_in = decay_in * (seq == seq_in)[..., None, None].to(cdt)
-        decay_to_end = decay_to_end * (seq == seq_end)[..., None, None].to(cdt)
-        chunk_decay = chunk_decay * (seq_end == seq_in)[..., None].to(cdt)
+        read_in = (seq == seq_in).to(cdt)  # [b, c, cs]: reads the incoming state
+        to_end = (seq == seq_end).to(cdt)  # adds to the outgoing state
+        carried = (seq_end == seq_in).to(cdt)[..., None, None]  # [b, c, 1, 1, 1]: state passes through
+        decay_in = decay_in * read_in[..., None, None]
+        decay_to_end = decay_to_end * to_end[..., None, None]
+        chunk_decay = chunk_decay * carried[..., 0]
         keep = keep & (seq[..., :, None] == seq[..., None, :])  # [b, c, l, s]
     else:
         keep = keep.expand(b, nc, cs, cs)
@@ -218,12 +221,6 @@ def chunk_scan_reference(
     w_scale = torch.exp((ref[:, :, None] - a).clamp(max=limit)) * dt_c
     ref_rp = torch.exp(ref.clamp(max=limit)).repeat_interleave(p, dim=-1)[:, :, :, None]  # [b, c, g, 1, r*p]
     out_rp = torch.exp((a[:, :, -1] - ref).clamp(max=limit)).repeat_interleave(p, dim=-1)[:, :, :, None]
-    if seq_idx is not None:
-        # The masks of decay_in / decay_to_end / chunk_decay, put on C's rows (state read-out), B's
-        # rows (state build-up) and the carried state.
-        read_in = (seq == seq_in).to(cdt)  # [b, c, cs]
-        to_end = (seq == seq_end).to(cdt)
-        carried = (seq_end == seq_in).to(cdt)[..., None, None]  # [b, c, 1, 1, 1]
     a_heads = a.permute(0, 1, 3, 4, 2)  # [b, c, g, r, cs]
     # Per-chunk D x term, folded into the loop while the chunk is in cache.
     D_hp = None if D is None else (D.to(cdt)[:, None] if D.dim() == 1 else D.to(cdt)).expand(h, p)
@@ -255,7 +252,7 @@ def chunk_scan_reference(
         if factored[k]:
             state_ref = state * ref_k  # exp(ref) state_in
             C_read, B_build, carried_ref = Cg, Bg, state_ref
-            if read_k is not None:  # packed sequences: the masks go on C's and B's rows
+            if read_k is not None:  # packed sequences: the masks go on C's and B's rows, and the state
                 C_read, B_build = Cg * read_k[:, None, :cl, None], Bg * end_k[:, None, :cl, None]
                 carried_ref = state_ref * carried_k
             y_k, state = _factored_chunk(xs, ws_k[:, :cl], ys_k[:, :cl], scores, C_read, B_build, state_ref,
