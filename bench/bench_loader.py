@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -64,8 +65,6 @@ def _bare_loop(conn, shards: list[str], lo: int, hi: int, buffer_bytes: int, che
     """Each "go": read bytes [lo, hi) of the shards (concatenated) in 1 MiB pieces into a
     batch-sized buffer faulted in beforehand (a warm ring slot), NaN/inf-testing each piece."""
     from data.records import all_finite  # the loader's own bit test, nothing else of it
-
-    import mmap
 
     piece = 1 << 20
     # Shared anonymous memory, as the loader's ring: on these VMs the kernel's copy into private

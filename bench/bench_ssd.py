@@ -183,7 +183,7 @@ def gemm_floor(length: int, args) -> Callable[[], object]:
     one), on contiguous operands with nothing else. naive / this time is the largest speed-up any
     implementation with these FLOPs can show on the machine; the rest of ours is the decay
     exponentials, masks and per-op dispatch of eager PyTorch."""
-    cs = min(args.chunk_size, ssd.REFERENCE_MAX_CHUNK)
+    cs = ssd.reference_tile(args.chunk_size, torch.device("cpu"))
     hp, n = args.heads * args.headdim, args.d_state
     chunks = math.ceil(length / cs)
     gen = torch.Generator().manual_seed(1)
@@ -314,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device {device}, torch threads {torch.get_num_threads()}, heads {args.heads} x headdim "
           f"{args.headdim}, d_state {args.d_state}, chunk_size {args.chunk_size} (PyTorch path tiles at "
-          f"{min(args.chunk_size, ssd.REFERENCE_MAX_CHUNK) if device.type == 'cpu' else args.chunk_size})",
-          flush=True)
+          f"{ssd.reference_tile(args.chunk_size, device)})", flush=True)
     clock = "wall" if device.type == "cuda" or torch.get_num_threads() > 1 else "thread CPU time"
     report: dict = {"device": str(device), "threads": torch.get_num_threads(), "clock": clock, "heads": args.heads,
                     "headdim": args.headdim, "d_state": args.d_state, "chunk_size": args.chunk_size,

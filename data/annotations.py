@@ -132,7 +132,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[_Ctx, dict]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises its own error types for damaged files
         raise AnnotationError(f"{path}: not a readable Parquet file ({_short(str(err))})") from None
-    # Row groups one at a time: list columns (Video-MME's options) become Python lists.
+    # Record batch by record batch: list columns (Video-MME's options) become Python lists.
     row = 0
     for batch in table.to_batches():
         for record in batch.to_pylist():

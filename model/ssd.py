@@ -51,6 +51,11 @@ _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 _FACTOR_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 
 
+def reference_tile(chunk_size: int, device: torch.device) -> int:
+    """The chunk length the PyTorch path works in on `device` (see REFERENCE_MAX_CHUNK)."""
+    return min(chunk_size, REFERENCE_MAX_CHUNK) if device.type == "cpu" else chunk_size
+
+
 def _fused_kernel() -> Callable | None:
     """mamba_ssm's `mamba_chunk_scan_combined`, or None; imported once, reason logged once."""
     global _FUSED, _FUSED_RESOLVED
@@ -170,7 +175,7 @@ def chunk_scan_reference(
     b, seqlen, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g  # heads per group: they share B and C
-    cs = min(chunk_size, REFERENCE_MAX_CHUNK) if x.device.type == "cpu" else chunk_size
+    cs = reference_tile(chunk_size, x.device)
     nc = math.ceil(seqlen / cs)
     pad = nc * cs - seqlen
 
