@@ -127,25 +127,16 @@ def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtyp
                       data_wait_s=wait, keys=keys)
 
 
-@torch.no_grad()
-def validation_loss(engine, cfg: RunConfig, tokenizer, info: DistInfo, dtype: torch.dtype) -> float:
-    """Mean loss over the held-out sources (or the first `max_batches` of them), all ranks."""
-    from data.loader import VideoLoader
+def validation_loss(engine, cfg: RunConfig, tokenizer, info: DistInfo, dtype: torch.dtype) -> dict[str, float]:
+    """`val/loss` over the held-out samples in the answer forms the training mixture teaches,
+    and `val/loss_open` / `val/loss_mc` per form (trainer/validation.py); all ranks call it."""
+    from trainer.validation import mismatch_note, validation_scalars
 
-    # A fresh loader each time: the same held-out batches at every evaluation.
-    data_cfg = dataclasses.replace(cfg.data, sources=cfg.validation.sources, samples_per_epoch=None)
-    loader = VideoLoader.from_config(data_cfg, tokenizer, rank=info.rank, world_size=info.world_size)
-    limit = cfg.validation.max_batches or len(loader)
-    totals = torch.zeros(2, dtype=torch.float64, device=info.device)
-    engine.eval()
-    for i, batch in enumerate(loader):
-        if i >= limit:
-            break
-        out = engine(**to_device(batch, info.device, dtype))
-        totals += torch.stack([out.loss.double(), torch.ones((), dtype=torch.float64, device=info.device)])
-    engine.train()
-    dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item()
+    scalars = validation_scalars(engine, cfg, tokenizer, info.rank, info.world_size, info.device, dtype)
+    note = mismatch_note(cfg, scalars)
+    if note and info.is_main:
+        print(f"[train] {note}", flush=True)
+    return scalars
 
 
 def total_steps_of(cfg: RunConfig, loader, accum: int) -> int:
@@ -280,8 +271,9 @@ def run(cfg: RunConfig) -> int:
             every = cfg.validation.every_steps
             if cfg.validation.sources and (step == total_steps or (every and step % every == 0)):
                 val = validation_loss(engine, cfg, model.tokenizer, info, dtype)
-                metrics.log(step, {"val/loss": val})
-                metrics.write(f"[train] step {step}: validation loss {val:.4f}")
+                metrics.log(step, val)
+                metrics.write(f"[train] step {step}: validation " + ", ".join(
+                    f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
             every = cfg.checkpoint.every_steps
             if step == total_steps or (every and step % every == 0):
                 save(ckpt, engine, step, loader, cfg, nonfinite)

@@ -1,0 +1,216 @@
+"""Validation loss per answer form, so that the held-out curve measures what training teaches.
+
+A record teaches answers in one of two forms:
+- `open`: its ShareGPT conversations, answered in words ("red");
+- `mc`: its answered multiple-choice items, rendered as training renders them
+  (`data.text.qa_conversation`: the question, the lettered options, and the letter as the answer).
+A multiple-choice item also has an open form: its question alone, answered by the correct
+option's text. That is the form a model trained on word answers has learned, so held-out
+multiple-choice shards still measure it.
+
+Validation scores every held-out sample in every form it has and reports `val/loss_open`,
+`val/loss_mc`, and `val/loss`: the mean over the samples in the forms the training mixture teaches
+(scoring letters only, while training taught words, made the validation curve rise while the
+training loss fell). Each sample counts once: its loss is the mean over its answer tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data.collate import PreparedSample, collate, uniform_frame_indices
+from data.loader import Source
+from data.records import BadRecord, ShardReader
+from data.text import IGNORE_INDEX, VIDEO_TOKEN, qa_conversation, tokenize_conversation
+
+FORMS = ("open", "mc")
+FORM_WORDS = {"open": "answers in words", "mc": "multiple-choice items answered by their letter"}
+PROBE_RECORDS = 64
+"""Records read from the start of each training source to tell which forms it teaches."""
+
+
+def record_forms(meta: dict) -> list[tuple[str, list[dict]]]:
+    """(form, conversation) for every held-out sample a record offers, in a fixed order."""
+    out = [("open", conv) for conv in meta.get("conversations", []) if conv]
+    for item in meta.get("qa", []):
+        conv = qa_conversation(item)  # ValueError on an answer that indexes no option
+        if conv is None:
+            continue
+        out.append(("mc", conv))
+        out.append(("open", [{"from": "human", "value": f"{VIDEO_TOKEN}\n{str(item['question']).strip()}"},
+                             {"from": "gpt", "value": str(item["options"][item["answer"]])}]))
+    return out
+
+
+def taught_forms(meta: dict) -> set[str]:
+    """Forms the training loader draws from a record (data.text.record_conversations)."""
+    forms = {"open"} if any(meta.get("conversations", [])) else set()
+    if any(isinstance(q, dict) and q.get("answer") is not None for q in meta.get("qa", [])):
+        forms.add("mc")
+    return forms
+
+
+@lru_cache(maxsize=16)
+def training_forms(paths: tuple[str, ...], probe: int = PROBE_RECORDS) -> frozenset[str]:
+    """Forms the training sources teach, from the first `probe` readable records of each."""
+    reader, forms = ShardReader(), set()
+    try:
+        for path in paths:
+            source = Source(path, 1.0)
+            for index in range(min(probe, source.size)):
+                try:
+                    forms |= taught_forms(reader.head(*source.locate(index)).meta)
+                except BadRecord:
+                    continue
+    finally:
+        reader.close()
+    return frozenset(forms)
+
+
+@dataclass
+class _Sample:
+    form: str
+    prepared: PreparedSample
+
+
+def held_out_samples(cfg, tokenizer, reader: ShardReader, limit: int | None) -> list[_Sample]:
+    """The held-out samples in source and index order (the same list on every rank and call),
+    at most `limit`; records or conversations that cannot be used are skipped, as training does."""
+    samples: list[_Sample] = []
+    for src in cfg.validation.sources:
+        if src.weight <= 0:
+            continue
+        source = Source(src.path, src.weight)
+        for index in range(source.size):
+            try:
+                head = reader.head(*source.locate(index))
+                forms = record_forms(head.meta)
+            except (BadRecord, ValueError, KeyError, IndexError, TypeError):
+                continue
+            frame_idx = uniform_frame_indices(head.shape[0], cfg.data.max_frames)
+            for form, conv in forms:
+                try:
+                    ids, labels = tokenize_conversation(tokenizer, conv, cfg.data.max_text_len)
+                except ValueError:
+                    continue
+                samples.append(_Sample(form, PreparedSample(head=head, source=source.path, input_ids=ids,
+                                                            labels=labels, frame_idx=frame_idx)))
+                if limit is not None and len(samples) >= limit:
+                    return samples
+    return samples
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B] mean next-token cross-entropy over each row's labelled positions (0 for a row without)."""
+    target = labels[:, 1:]
+    token = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2),
+                                              target.clamp(min=0), reduction="none")
+    mask = (target != IGNORE_INDEX).float()
+    return (token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _my_batches(samples: list[_Sample], rank: int, world: int, batch_size: int) -> list[list[_Sample]]:
+    """This rank's share: global batch g is samples[g*W*B : (g+1)*W*B], rank r takes its r-th
+    slice. Every rank gets the same number of batches (ZeRO-3 gathers weights in every forward),
+    possibly empty ones at the end."""
+    per_global = world * batch_size
+    batches = []
+    for g in range(math.ceil(len(samples) / per_global)):
+        start = g * per_global + rank * batch_size
+        batches.append(samples[start:start + batch_size])
+    return batches
+
+
+def _forward_losses(engine, batch_samples: list[_Sample], reader: ShardReader, cfg, pad_id: int,
+                    device: torch.device, dtype: torch.dtype) -> list[tuple[str, float]] | None:
+    """(form, loss) of every sample whose features read cleanly; None (and no forward) when none did."""
+    prepared = [s.prepared for s in batch_samples]
+    batch, failures = collate(prepared, reader, pad_id=pad_id, features_dtype=cfg.data.features_dtype)
+    if not batch:
+        return None
+    failed = {id(p) for p, _ in failures}
+    kept = [s for s in batch_samples if id(s.prepared) not in failed]
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "frame_mask")}
+    inputs["features"] = batch["features"].to(device, dtype=dtype)
+    out = engine(**inputs)
+    losses = per_sample_loss(out.logits, out.labels).tolist()
+    return [(s.form, loss) for s, loss in zip(kept, losses)]
+
+
+def _run_batch(engine, mine: list[_Sample], samples: list[_Sample], reader: ShardReader, cfg, pad_id: int,
+               device: torch.device, dtype: torch.dtype) -> list[tuple[str, float]]:
+    """This rank's losses for one batch, after exactly one forward: a batch that is empty or
+    wholly unreadable is replaced by the first readable held-out sample, counted with weight 0."""
+    result = _forward_losses(engine, mine, reader, cfg, pad_id, device, dtype) if mine else None
+    if result is not None:
+        return result
+    for sample in samples:
+        if _forward_losses(engine, [sample], reader, cfg, pad_id, device, dtype) is not None:
+            return []
+    raise ValueError("validation.sources: no held-out record has readable features")
+
+
+@torch.no_grad()
+def validation_scalars(engine, cfg, tokenizer, rank: int, world_size: int, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, float]:
+    """{"val/loss", "val/loss_open", "val/loss_mc"} (a form without held-out samples is left out);
+    a collective: every rank calls it."""
+    trained = training_forms(tuple(s.path for s in cfg.data.sources if s.weight > 0))
+    batch_size = cfg.data.batch_size
+    limit = cfg.validation.max_batches * batch_size * world_size if cfg.validation.max_batches else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    reader = ShardReader(num_patches=cfg.data.num_patches, feature_dim=cfg.data.feature_dim,
+                         check_finite=cfg.data.check_finite)
+    # [sum of losses, samples] per form
+    totals = torch.zeros(len(FORMS), 2, dtype=torch.float64, device=device)
+    try:
+        samples = held_out_samples(cfg, tokenizer, reader, limit)
+        if not samples:
+            raise ValueError(f"validation.sources: no usable held-out sample in "
+                             f"{[s.path for s in cfg.validation.sources]}")
+        engine.eval()
+        for mine in _my_batches(samples, rank, world_size, batch_size):
+            for form, loss in _run_batch(engine, mine, samples, reader, cfg, pad_id, device, dtype):
+                totals[FORMS.index(form)] += torch.tensor([loss, 1.0], dtype=torch.float64, device=device)
+    finally:
+        reader.close()
+        engine.train()
+    dist.all_reduce(totals)
+    return summarize_forms(totals.cpu().numpy(), trained)
+
+
+def summarize_forms(totals: np.ndarray, trained: frozenset[str]) -> dict[str, float]:
+    """Scalars from per-form [loss sum, count]; `val/loss` over the trained forms that have
+    held-out samples (over every form when none has: the mismatch is reported by the caller)."""
+    present = [f for i, f in enumerate(FORMS) if totals[i, 1] > 0]
+    out = {f"val/loss_{f}": float(totals[FORMS.index(f), 0] / totals[FORMS.index(f), 1]) for f in present}
+    chosen = [f for f in present if f in trained] or present
+    rows = totals[[FORMS.index(f) for f in chosen]]
+    return {"val/loss": float(rows[:, 0].sum() / rows[:, 1].sum()), **out}
+
+
+_NOTED: set[tuple[tuple[str, ...], str]] = set()
+
+
+def mismatch_note(cfg, scalars: dict[str, float]) -> str | None:
+    """One line, the first time only, when the held-out data holds a form the training mixture
+    does not teach (its loss is reported but left out of `val/loss`)."""
+    paths = tuple(s.path for s in cfg.data.sources if s.weight > 0)
+    trained = training_forms(paths)
+    untaught = [f for f in FORMS if f"val/loss_{f}" in scalars and f not in trained]
+    if not untaught:
+        return None
+    left_out = any(f"val/loss_{f}" in scalars for f in trained)
+    note = (f"validation: the training mixture teaches {sorted(trained) or 'no'} answers; "
+            + ", ".join(f"val/loss_{f}" for f in untaught) + " scores a form training never asked for "
+            f"({'; '.join(FORM_WORDS[f] for f in untaught)}), "
+            + ("left out of val/loss" if left_out else "and val/loss is all there is to average: read it with care"))
+    if (paths, note) in _NOTED:
+        return None
+    _NOTED.add((paths, note))
+    return note
