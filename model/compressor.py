@@ -8,8 +8,9 @@ recommended reading, each open choice being a CompressorConfig field:
    (MambaMia: bidirectional Mamba2 + GPA, a query after every k patches of a frame), keeping the
    query outputs: ceil(P/k) anchors per frame;
 3. Time Axis Aggregator: bidirectional Mamba2 blocks over the anchor sequence that also return
-   their step sizes Δ; a frame's score is the mean Δ over its positions, heads, both directions
-   and all TAA layers;
+   their step sizes Δ (mean of both directions and all TAA layers); a frame's score is how far
+   its log Δ lies from the video's median, averaged over its positions and heads
+   (`delta_score: deviation`), or the mean Δ itself (`mean`); see frame_scores;
 4. keep the `keyframes` frames with the largest scores (first and last forced in when
    `keep_first_last`), re-sorted into temporal order; videos with fewer frames keep them all.
 
@@ -36,7 +37,8 @@ class CompressorOutput:
     kept: list[torch.Tensor]
     """Per sample [N_b] long: indices of the kept frames along the input's frame axis."""
     scores: list[torch.Tensor | None]
-    """Per sample [F_b] float: mean Δ of each valid frame (None under uniform selection)."""
+    """Per sample [F_b] float: Δ score of each valid frame (frame_scores; None under uniform
+    selection)."""
 
 
 def select_frames(scores: torch.Tensor | None, n_frames: int, budget: int, *, selection: str,
@@ -57,29 +59,45 @@ def select_frames(scores: torch.Tensor | None, n_frames: int, budget: int, *, se
     return torch.topk(rank, budget).indices.sort().values
 
 
+def frame_scores(delta: torch.Tensor, how: str) -> torch.Tensor:
+    """Δ [F, positions, heads] of one video -> a score per frame (CompressorConfig.delta_score)."""
+    delta = delta.detach().float()
+    if how == "mean":
+        return delta.mean(dim=(1, 2))
+    # Log space: Δ sits in softplus' exponential regime (dt_bias init ~ log 1e-3..1e-1), so a
+    # head's log Δ moves additively with its dt projection and every head counts alike.
+    log_delta = delta.clamp_min(torch.finfo(torch.float32).tiny).log()
+    typical = log_delta.median(dim=0, keepdim=True).values
+    return (log_delta - typical).abs().mean(dim=(1, 2))
+
+
 def _mamba_blocks(c: CompressorConfig, n: int, *, k: int | None, gpa: bool,
                   bidirectional: bool) -> list[nn.Module]:
     return [MambaMiaBlock(c.hidden_size, k=k, gpa=gpa, bidirectional=bidirectional,
                           d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, headdim=c.headdim,
                           ngroups=c.ngroups, chunk_size=c.ssd_chunk_size, norm_eps=c.norm_eps,
                           init_scale=c.init_scale, gate_eps=c.gate_eps,
-                          gpa_dropout=c.gpa_dropout, residual_in_fp32=c.residual_in_fp32)
+                          gpa_dropout=c.gpa_dropout, residual_in_fp32=c.residual_in_fp32,
+                          backward_dt_bias_init=c.backward_dt_bias_init,
+                          norm_before_gate=c.norm_before_gate)
             for _ in range(n)]
 
 
 def build_spatial_stage(c: CompressorConfig) -> nn.Module:
     """The per-kind spatial stage: [F, P, hidden] -> ([F, ceil(P/k), hidden], None)."""
+    mask_padding = c.group_padding == "masked"
     if c.kind == "avgpool":
-        return AvgPoolStage(c.k)
+        return AvgPoolStage(c.k, mask_padding)
     if c.kind == "transformer":
         blocks = [TransformerBlock(c.hidden_size, heads=c.transformer_heads,
-                                   mlp_ratio=c.transformer_mlp_ratio, norm_eps=c.norm_eps)
+                                   mlp_ratio=c.transformer_mlp_ratio, norm_eps=c.norm_eps,
+                                   rope_base=c.transformer_rope_base)
                   for _ in range(c.num_layers)]
     else:
         blocks = _mamba_blocks(c, c.num_layers, k=c.k, gpa=c.kind != "bimamba",
                                bidirectional=c.kind != "causal_mambamia")
     return QueryStage(blocks, c.hidden_size, k=c.k, norm_eps=c.norm_eps,
-                      gradient_checkpointing=c.gradient_checkpointing)
+                      gradient_checkpointing=c.gradient_checkpointing, mask_padding=mask_padding)
 
 
 class VideoCompressor(nn.Module):
@@ -99,7 +117,8 @@ class VideoCompressor(nn.Module):
                 _mamba_blocks(c, c.taa_layers, k=c.taa_k, gpa=c.taa_k is not None,
                               bidirectional=True),
                 c.hidden_size, k=c.taa_k, norm_eps=c.norm_eps,
-                gradient_checkpointing=c.gradient_checkpointing)
+                gradient_checkpointing=c.gradient_checkpointing,
+                mask_padding=c.group_padding == "masked")
 
     def compress_video(self, frames: torch.Tensor):
         """One video's valid frames [F, P, input_dim] -> (tokens [N, T, H], kept [N], scores)."""
@@ -110,7 +129,7 @@ class VideoCompressor(nn.Module):
         if self.taa is not None:
             anchors, delta = self.taa(anchors, return_dt=c.frame_selection == "delta")
             if delta is not None:
-                scores = delta.detach().float().mean(dim=(1, 2))  # [F], for selection and logs
+                scores = frame_scores(delta, c.delta_score)  # [F], for selection and logs
         kept = select_frames(scores, frames.shape[0], c.keyframes, selection=c.frame_selection,
                              keep_first_last=c.keep_first_last, device=frames.device)
         return anchors.index_select(0, kept), kept, scores

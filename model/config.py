@@ -14,6 +14,9 @@ from typing import Any
 
 COMPRESSOR_KINDS = ("mambamia", "bimamba", "causal_mambamia", "transformer", "avgpool")
 FRAME_SELECTIONS = ("delta", "uniform")
+GROUP_PADDINGS = ("masked", "zeros")
+BACKWARD_DT_BIAS_INITS = ("ones", "like_forward")
+DELTA_SCORES = ("deviation", "mean")
 PROJECTORS = ("mlp2x_gelu", "linear")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 LLM_DTYPES = ("float32", "bfloat16", "float16")
@@ -122,6 +125,10 @@ class CompressorConfig:
     """SSD kernel chunk length (unrelated to k)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon of blocks, mixer and final norm."""
+    norm_before_gate: bool = True
+    """Order of the mixer's gated RMSNorm: True normalises first, then multiplies by silu(z), as
+    the official MambaMia code (its config default) and mamba_ssm's kernels; False gates first
+    (rmsnorm(x * silu(z))), as transformers' Mamba2. The fused kernels receive the same flag."""
     init_scale: float = 1e-3
     """Scale of the GPA weight/gate layer weights at init, so GPA starts as a plain group mean with
     gate 0.5 (paper §1.2)."""
@@ -137,11 +144,39 @@ class CompressorConfig:
     """Attention heads of the "transformer" ablation."""
     transformer_mlp_ratio: float = 4.0
     """MLP width / hidden of the "transformer" ablation (standard pre-norm encoder)."""
+    transformer_rope_base: float = 10000.0
+    """Rotary position base of the "transformer" ablation. Attention alone is blind to order, and
+    with one shared query every query slot would produce the same anchor; rotary positions over
+    the whole clip's sequence (every frame's patches and queries, in time order) give each slot
+    its own position, cost no parameters and extend to any clip length (a learned absolute table
+    would cap the length at the longest clip seen in training)."""
+    group_padding: str = "masked"
+    """How the zero padding of a frame's last group (P not a multiple of k) enters the pooling, the
+    same way in GPA and in average pooling: "masked" leaves the padding slots out of GPA's softmax
+    and of the pooling mean (padding is not content, so a short group's anchor keeps the scale of a
+    full one); "zeros" counts them as tokens, as the official code's GPA does on its zero-padded
+    sequence. The paper preset (576 patches, k=8) has no padding, so it only matters elsewhere."""
+    backward_dt_bias_init: str = "ones"
+    """Initial dt_bias of the backward scan direction: "ones", as in the official code (its weight
+    init re-initialises only the forward dt_bias, the backward one keeps its constructor value 1,
+    i.e. Δ ≈ softplus(dt + 1) ≈ 1.3: a short-memory backward scan whose Δ moves almost linearly
+    with content), or "like_forward" (the forward's inverse-softplus of U[dt_min, dt_max])."""
+    delta_score: str = "deviation"
+    """How Δ becomes a frame score (frame_selection "delta"). [inferred] "deviation": the mean over
+    the frame's anchors and heads of |log Δ - its median over the video's frames| (same anchor
+    slot, same head): how far the frame moves the step size away from the video's usual one, in
+    either direction. "mean": the mean Δ itself (paper.md §1.5's literal reading). Raw mean Δ ranks
+    by position, not content: both scan directions start from a zero state, so anchors near either
+    end of the clip differ from the others whatever they show, and an untrained layer raises or
+    lowers Δ on a distinct frame with equal odds (bench/bench_method.py --profile shows both)."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         _choice(name, "kind", self.kind, COMPRESSOR_KINDS)
         _choice(name, "frame_selection", self.frame_selection, FRAME_SELECTIONS)
+        _choice(name, "group_padding", self.group_padding, GROUP_PADDINGS)
+        _choice(name, "backward_dt_bias_init", self.backward_dt_bias_init, BACKWARD_DT_BIAS_INITS)
+        _choice(name, "delta_score", self.delta_score, DELTA_SCORES)
         for f in ("input_dim", "hidden_size", "num_layers", "k", "keyframes", "d_state", "d_conv",
                   "headdim", "expand", "ngroups", "ssd_chunk_size", "transformer_heads"):
             _positive(name, f, getattr(self, f))
@@ -158,15 +193,18 @@ class CompressorConfig:
         if (self.expand * self.hidden_size) % self.headdim:
             raise ValueError(f"{name}.headdim: expand*hidden_size={self.expand * self.hidden_size}"
                              f" is not a multiple of headdim={self.headdim}")
-        if self.kind == "transformer" and self.hidden_size % self.transformer_heads:
+        if self.kind == "transformer" and self.hidden_size % (2 * self.transformer_heads):
             raise ValueError(f"{name}.transformer_heads: hidden_size={self.hidden_size} is not a "
-                             f"multiple of {self.transformer_heads}")
+                             f"multiple of 2*{self.transformer_heads} (rotary positions rotate "
+                             "pairs of channels in each head)")
         if not 0.0 <= self.gate_eps < 0.5:
             raise ValueError(f"{name}.gate_eps: expected 0 <= gate_eps < 0.5, got {self.gate_eps}")
         if not 0.0 <= self.gpa_dropout < 1.0:
             raise ValueError(f"{name}.gpa_dropout: expected in [0, 1), got {self.gpa_dropout}")
-        if self.transformer_mlp_ratio <= 0 or self.init_scale <= 0 or self.norm_eps <= 0:
-            raise ValueError(f"{name}: transformer_mlp_ratio, init_scale and norm_eps must be > 0")
+        if (self.transformer_mlp_ratio <= 0 or self.init_scale <= 0 or self.norm_eps <= 0
+                or self.transformer_rope_base <= 1):
+            raise ValueError(f"{name}: transformer_mlp_ratio, init_scale and norm_eps must be > 0 "
+                             "and transformer_rope_base > 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

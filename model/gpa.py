@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from model.mixer import Mamba2Mixer
 
@@ -33,7 +33,9 @@ class GatedPatchAggregation(nn.Module):
     """Replace each query slot by a gated mix of itself and a softmax-weighted mean of its group.
 
     Weights and gate are functions of the query alone (paper §1.2): α = softmax(W·drop(q)),
-    g = sigmoid(w·drop(q)) rescaled to [ε, 1-ε], q' = (1-g)·q + g·Σ α_j P_j.
+    g = sigmoid(w·drop'(q)) rescaled to [ε, 1-ε], q' = (1-g)·q + g·Σ α_j P_j. The two layers see
+    independent dropout masks (drop, drop'), as in the official code. `content_mask` [G, k]
+    (False = zero padding) removes padding slots from the softmax.
     """
 
     def __init__(self, dim: int, k: int, *, init_scale: float = 1e-3, gate_eps: float = 0.01,
@@ -50,16 +52,18 @@ class GatedPatchAggregation(nn.Module):
                 fc.weight.mul_(init_scale)
                 fc.bias.zero_()
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, content_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, length, d = h.shape
         if length % (self.k + 1):
             raise ValueError(f"GPA: sequence length {length} is not a multiple of k+1={self.k + 1}")
         groups = h.view(b, length // (self.k + 1), self.k + 1, d)
         content, q = groups[:, :, : self.k], groups[:, :, self.k]  # [B,G,k,D], [B,G,D]
-        q_drop = self.dropout(q)
-        alpha = torch.softmax(self.weight_fc(q_drop).float(), dim=-1).to(h.dtype)  # [B,G,k]
+        logits = self.weight_fc(self.dropout(q)).float()  # [B,G,k]
+        if content_mask is not None:
+            logits = logits.masked_fill(~content_mask, float("-inf"))
+        alpha = torch.softmax(logits, dim=-1).to(h.dtype)
         agg = torch.einsum("bgk,bgkd->bgd", alpha, content)
-        gate = torch.sigmoid(self.gate_fc(q_drop)) * (1 - 2 * self.gate_eps) + self.gate_eps
+        gate = torch.sigmoid(self.gate_fc(self.dropout(q))) * (1 - 2 * self.gate_eps) + self.gate_eps
         q_new = (1 - gate) * q + gate * agg
         # Content tokens pass unchanged; only the query slots of a copy are rewritten.
         return torch.cat([content, q_new.unsqueeze(2)], dim=2).view(b, length, d)
@@ -69,13 +73,15 @@ class MambaMiaBlock(nn.Module):
     """Pre-norm residual block: RMSNorm -> (GPA on query slots) -> Mamba2 mixer -> + residual.
 
     The residual carries the un-normalised, un-GPA'd input. `gpa=False` gives the BiMamba
-    ablation, `bidirectional=False` the causal one.
+    ablation, `bidirectional=False` the causal one. `backward_dt_bias_init="ones"` sets the
+    backward direction's dt_bias to 1 as the official code leaves it (CompressorConfig).
     """
 
     def __init__(self, dim: int, *, k: int | None, gpa: bool, bidirectional: bool, d_state: int,
                  d_conv: int, expand: int, headdim: int, ngroups: int, chunk_size: int,
                  norm_eps: float, init_scale: float, gate_eps: float, gpa_dropout: float,
-                 residual_in_fp32: bool):
+                 residual_in_fp32: bool, backward_dt_bias_init: str = "ones",
+                 norm_before_gate: bool = True):
         super().__init__()
         if gpa and k is None:
             raise ValueError("MambaMiaBlock: GPA needs a group size k")
@@ -85,13 +91,18 @@ class MambaMiaBlock(nn.Module):
                                           dropout=gpa_dropout) if gpa else None)
         self.mixer = Mamba2Mixer(dim, d_state=d_state, d_conv=d_conv, expand=expand,
                                  headdim=headdim, ngroups=ngroups, chunk_size=chunk_size,
-                                 bidirectional=bidirectional, norm_eps=norm_eps)
+                                 bidirectional=bidirectional, norm_eps=norm_eps,
+                                 norm_before_gate=norm_before_gate)
+        if bidirectional and backward_dt_bias_init == "ones":
+            with torch.no_grad():
+                self.mixer.dt_bias_b.fill_(1.0)
 
-    def forward(self, x: torch.Tensor, return_dt: bool = False):
+    def forward(self, x: torch.Tensor, return_dt: bool = False,
+                content_mask: torch.Tensor | None = None):
         residual = x.float() if self.residual_in_fp32 else x
         h = self.norm(x.to(self.norm.weight.dtype))
         if self.gpa is not None:
-            h = self.gpa(h)
+            h = self.gpa(h, content_mask)
         if return_dt:
             y, dt = self.mixer(h, return_dt=True)
             return residual + y.to(residual.dtype), dt
@@ -105,13 +116,15 @@ class QueryStage(nn.Module):
     multiple of k, a shared query follows every k tokens, all frames are concatenated in time order
     into ONE sequence (no reset between frames or groups), and only query outputs are kept:
     [F, ceil(T/k), D]. With `k=None` (no queries) the output is [F, T, D]. Blocks take
-    (x [1, L, D], return_dt) and return (x, Δ [1, L, H] or None).
+    (x [1, L, D], return_dt, content_mask) and return (x, Δ [1, L, H] or None); content_mask
+    [F * ceil(T/k), k] marks real tokens (None when nothing is padded or `mask_padding` is off).
     """
 
     def __init__(self, blocks: list[nn.Module], dim: int, *, k: int | None, norm_eps: float,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, mask_padding: bool = True):
         super().__init__()
         self.k = k
+        self.mask_padding = mask_padding
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = RMSNorm(dim, norm_eps)
         self.gradient_checkpointing = gradient_checkpointing
@@ -121,12 +134,14 @@ class QueryStage(nn.Module):
     def forward(self, frames: torch.Tensor, return_dt: bool = False):
         """frames [F, T, D] -> (tokens [F, T', D], Δ per position [F, L/F, H] or None)."""
         n_frames, t, d = frames.shape
-        x = frames
+        x, content_mask = frames, None
         if self.k is not None:
             groups = -(-t // self.k)
             x = F.pad(x, (0, 0, 0, groups * self.k - t)).view(n_frames, groups, self.k, d)
             q = self.query.to(x.dtype).expand(n_frames, groups, 1, d)
             x = torch.cat([x, q], dim=2)  # [F, G, k+1, D]
+            if self.mask_padding and t % self.k:
+                content_mask = padding_mask(n_frames, t, self.k, frames.device)
         per_frame = x[0].numel() // d
         x = x.reshape(1, n_frames * per_frame, d)
         dts = []
@@ -138,9 +153,11 @@ class QueryStage(nn.Module):
                 # out_proj weight that backward has already gathered (its gradient then fails to
                 # accumulate into the empty parameter). HF's checkpointed decoder layers rely on
                 # the same order: their last tensor-saving op is the layer's last projection.
-                x, dt = checkpoint(block, x, return_dt, use_reentrant=False, early_stop=True)
+                # The context manager (torch >= 2.1), not checkpoint's early_stop keyword (2.9+).
+                with set_checkpoint_early_stop(True):
+                    x, dt = checkpoint(block, x, return_dt, content_mask, use_reentrant=False)
             else:
-                x, dt = block(x, return_dt)
+                x, dt = block(x, return_dt, content_mask)
             if dt is not None:
                 dts.append(dt)
         x = self.norm_f(x).to(frames.dtype).view(n_frames, per_frame, d)
@@ -150,3 +167,10 @@ class QueryStage(nn.Module):
         if return_dt and dts:
             delta = torch.stack(dts).mean(0).view(n_frames, per_frame, -1)
         return x, delta
+
+
+def padding_mask(n_frames: int, tokens: int, k: int, device: torch.device) -> torch.Tensor:
+    """[n_frames * ceil(tokens/k), k] bool: True on real tokens, False on each frame's zero padding."""
+    groups = -(-tokens // k)
+    real = torch.arange(groups * k, device=device) < tokens
+    return real.view(1, groups, k).expand(n_frames, groups, k).reshape(n_frames * groups, k)
