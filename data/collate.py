@@ -172,8 +172,8 @@ def collate(samples: list[PreparedSample], reader: ShardReader, *, pad_id: int,
     kept = []
     for s in samples:
         if s.head.shape[1:] != (patches, dim):
-            failures.append((s, BadRecord("shape", f"{s.head.key}: [P, D] {list(s.head.shape[1:])} "
-                                                   f"differs from the batch's {[patches, dim]}")))
+            failures.append((s, BadRecord("shape", f"[P, D] {list(s.head.shape[1:])} differs from the "
+                                                   f"batch's {[patches, dim]}", shard=s.head.path, key=s.head.key)))
         else:
             kept.append(s)
     frames = max(len(s.frame_idx) for s in kept)

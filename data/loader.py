@@ -25,9 +25,11 @@ The scheme, in order:
    received; batches prefetched but not received do not count. Resuming at any world size or
    batch size continues from that offset: nothing is skipped, and at the same world size the
    remaining sequence is identical.
-5. Bad records are skipped and counted per source and reason (`bad_counts`); a batch whose records
-   are all bad takes the next readable record of the epoch instead (a counted repeat), so no rank
-   ever yields fewer batches. A source whose bad fraction passes `bad_fraction_limit` stops the run.
+5. Bad records (data/records.py checks each to its leaves: tar, npy header, metadata, text) are
+   skipped, counted per source and reason (`bad_counts`) and the first BAD_RECORDS_LOGGED logged
+   with shard and key; a batch whose records are all bad takes the next readable record of the
+   epoch instead (a counted repeat), so no rank ever yields fewer batches. A source whose bad
+   fraction passes `bad_fraction_limit` stops the run; a single bad record never does.
 6. Transport. Workers persist across epochs (the epoch to build is passed through a shared
    tensor) and read features straight into slots of a shared-memory ring the trainer process
    allocated before forking them (data/collate.py: FeatureRing); a batch crosses the process
@@ -61,6 +63,9 @@ _MAX_FALLBACK = 64
 # Batches a training loop still references when the next arrives: the one in its hands and the
 # one before it (its variable is rebound only after `next` returns); ring slots per worker count it.
 ZERO_COPY_HOLD = 2
+BAD_RECORDS_LOGGED = 20
+"""Distinct bad records named one by one (shard, key, reason) in the log per loader; later ones
+are only counted."""
 _SMALL = ("input_ids", "attention_mask", "labels", "frame_mask", "timestamps")
 
 
@@ -221,7 +226,7 @@ class _BatchStream(IterableDataset):
                 np.random.default_rng([cfg.seed, s, source_epoch, index]).integers(len(convs)))
             ids, labels = tokenize_conversation(spec.tokenizer, convs[pick], cfg.max_text_len)
         except ValueError as e:
-            raise BadRecord("text", f"{head.path}: {head.key}: {e}") from None
+            raise BadRecord("text", str(e), shard=head.path, key=head.key) from None
         return PreparedSample(head=head, source=spec.sources[s].path, input_ids=ids, labels=labels,
                               frame_idx=uniform_frame_indices(head.shape[0], cfg.max_frames))
 
@@ -236,7 +241,7 @@ class _BatchStream(IterableDataset):
         positions, padded = self.plan.rank_batch(self.start, b, spec.rank, spec.world_size,
                                                  spec.config.batch_size)
         # Plain dicts: DataLoader's default conversion would re-add a Counter into its own copy.
-        seen, bad = {}, {}
+        seen, bad, lines = {}, {}, []
         prepared = []
         for p in positions:
             source = spec.sources[self.plan.item(p)[0]].path
@@ -245,10 +250,11 @@ class _BatchStream(IterableDataset):
                 prepared.append(self._prepare(p, reader))
             except BadRecord as e:
                 bad[source, e.reason] = bad.get((source, e.reason), 0) + 1
-                log.debug("skipped %s", e)
+                lines.append((source, e.where, e.line()))
         batch, failures = self._collate(prepared, reader, alloc)
         for sample, e in failures:
             bad[sample.source, e.reason] = bad.get((sample.source, e.reason), 0) + 1
+            lines.append((sample.source, e.where, e.line()))
         repeats, fallback, attempts = int(padded), positions[-1], 0
         while not batch:  # every record bad: take the next readable one so this rank keeps pace
             fallback, attempts = (fallback + 1) % self.plan.length, attempts + 1
@@ -260,7 +266,7 @@ class _BatchStream(IterableDataset):
             except BadRecord:
                 continue
             repeats += 1
-        return batch, {"seen": seen, "bad": bad, "repeats": repeats}
+        return batch, {"seen": seen, "bad": bad, "repeats": repeats, "bad_lines": lines}
 
 
 def _as_is(item):
@@ -298,6 +304,7 @@ class VideoLoader:
         self.seen: Counter = Counter()
         self.bad: Counter = Counter()  # (source, reason) -> count
         self.repeats = 0
+        self._bad_records: dict[str, set[str]] = {}  # source -> shard and key of each bad record
         self._plan: EpochPlan | None = None
         self._spec = _Spec(config=self.config, sources=self.sources, tokenizer=tokenizer, pad_id=self.pad_id,
                            rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch)
@@ -344,6 +351,12 @@ class VideoLoader:
     def _account(self, stats: dict, epoch_done: bool) -> None:
         self.seen.update(stats["seen"])
         self.bad.update(stats["bad"])
+        for source, where, line in stats["bad_lines"]:
+            if where in self._bad_records.setdefault(source, set()):
+                continue  # the same record again, in a later epoch: counted, already named
+            self._bad_records[source].add(where)
+            if sum(map(len, self._bad_records.values())) <= BAD_RECORDS_LOGGED:
+                log.warning("loader rank %d: skipped bad record %s", self.rank, line)
         self.repeats += stats["repeats"]
         if stats["repeats"]:
             log.info("loader rank %d epoch %d: %d sample(s) repeated to fill a batch (total %d)",
@@ -351,7 +364,10 @@ class VideoLoader:
         cfg = self.config
         for src in {source for source, _ in (self.bad if epoch_done else stats["bad"])}:
             bad = sum(n for (s, _), n in self.bad.items() if s == src)
-            if (self.seen[src] >= cfg.bad_check_after or epoch_done) and bad > cfg.bad_fraction_limit * self.seen[src]:
+            # One bad record (seen once per epoch) is never a reason to stop, whatever the
+            # fraction in a small source.
+            several = len(self._bad_records.get(src, ())) > 1
+            if several and (self.seen[src] >= cfg.bad_check_after or epoch_done) and bad > cfg.bad_fraction_limit * self.seen[src]:
                 raise RuntimeError(f"data source {src}: {bad} of {self.seen[src]} records bad "
                                    f"{self.bad_counts_by_source[src]}, above data.bad_fraction_limit="
                                    f"{cfg.bad_fraction_limit}")

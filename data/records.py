@@ -9,7 +9,11 @@ by field (never evaluated, never unpickled); object and structured dtypes are re
     head = reader.head("shards/shard-r00000-000000.tar", 3)   # meta + npy layout, BadRecord if not
     reader.read_frames(head, frame_idx, out)                  # out: [len(frame_idx), P, D] tensor
 
-Every way a record can be bad raises `BadRecord(reason, detail)`; the loader counts the reasons.
+Every way a record can be bad raises `BadRecord(reason, detail)` carrying the shard and key; the
+loader counts the reasons, eval stops on them. The checks, all before the bytes they guard are read:
+the shard is a plain tar (a compressed one is refused, never inflated), a member lies inside the
+file, the metadata member is at most MAX_META_BYTES and valid to its leaves (`check_meta`), the npy
+header is exactly numpy's three-key dict, and the data size matches the shape it declares.
 """
 from __future__ import annotations
 
@@ -27,18 +31,33 @@ import torch
 
 FEATURES_MEMBER = "features.npy"
 META_MEMBER = "json"
-REASONS = ("truncated", "missing_field", "json", "npy", "dtype", "shape", "nonfinite", "text")
+REASONS = ("shard", "truncated", "missing_field", "json", "schema", "npy", "dtype", "shape",
+           "nonfinite", "text")
+"""shard: not a plain tar (compressed, or no tar at all); schema: metadata of the wrong form below
+the top level (a turn that is not an object, a qa item without its question, ...)."""
+MAX_META_BYTES = 16 << 20
+"""A record's JSON is a few KB; a larger member is refused before it is read."""
 _NPY_HEAD_PROBE = 4096
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                      (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
 _READ_PIECE = 1 << 20  # even, so pieces split no float16
 
 
 class BadRecord(Exception):
-    """A record that cannot be used; `reason` is one of REASONS."""
+    """A record that cannot be used; `reason` is one of REASONS, `where` names shard and key."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, *, shard: str | None = None, key: str | None = None):
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason, self.detail, self.shard, self.key = reason, detail, shard, key
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard or '?'}: record {self.key!r}" if self.key is not None else str(self.shard or "?")
+
+    def line(self) -> str:
+        """One line for logs and error messages: shard, key, reason and what is wrong."""
+        return f"{self.where}: {self.reason}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,11 @@ class ShardTable:
     file_size: int
     records: list[tuple[str, dict[str, Member]]]
     """(key, {extension: member}) in tar order; the i-th record of the index is records[i]."""
+    problem: str | None = None
+    """Why the tar is not complete (cut short, damaged header, compressed); None when it ends with
+    its end-of-archive blocks after intact members."""
+    unreadable: bool = False
+    """Not a plain tar at all (compressed, or no tar header): no record can be read from it."""
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -64,29 +88,56 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
+def compression_of(magic: bytes) -> str | None:
+    """The compressor whose magic number starts `magic`, or None."""
+    return next((name for sig, name in _COMPRESSION_MAGIC if magic.startswith(sig)), None)
+
+
 def scan_shard(path: str | Path) -> ShardTable:
-    """Member offsets of a shard; a tar cut short ends the table where its headers stop."""
+    """Member offsets of a shard, and whether it is complete.
+
+    A tar cut short or damaged ends the table where its headers stop (what came before is still
+    usable) and sets `problem`; a compressed file is refused from its magic number, unread.
+    """
     path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        kind = compression_of(f.read(8))
+        if kind is not None:
+            return ShardTable(path, size, [], f"compressed ({kind}); expected a plain tar", unreadable=True)
+        f.seek(0)
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
+            return ShardTable(path, size, [], f"not a tar ({e})", unreadable=True)
+        with tar:
+            records, problem = _scan_members(tar, f, size)
+    return ShardTable(path=path, file_size=size, records=records, problem=problem)
+
+
+def _scan_members(tar: tarfile.TarFile, f, size: int) -> tuple[list[tuple[str, dict[str, Member]]], str | None]:
     records: list[tuple[str, dict[str, Member]]] = []
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.ReadError, EOFError):
-        return ShardTable(path=path, file_size=os.path.getsize(path), records=[])
-    with tar:
-        while True:
-            try:
-                info = tar.next()
-            except (tarfile.ReadError, EOFError):
-                break  # a header cut in half: what came before is still usable
-            if info is None:
-                break
-            if not info.isfile():
-                continue
-            key, ext = split_member_name(info.name)
-            if not records or records[-1][0] != key:
-                records.append((key, {}))
-            records[-1][1][ext] = Member(offset=info.offset_data, size=info.size)
-    return ShardTable(path=path, file_size=os.path.getsize(path), records=records)
+    problem = None
+    while True:
+        try:
+            info = tar.next()
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
+            return records, problem or f"damaged or cut short after byte {tar.offset} ({e})"
+        if info is None:
+            # tarfile stops silently at a zero block, a garbled header or the end of the file:
+            # only the two zero blocks tar writes at the end mean the archive is whole.
+            f.seek(tar.offset)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                problem = problem or f"no end-of-archive blocks at byte {tar.offset} (cut short or damaged)"
+            return records, problem
+        if not info.isfile() or info.issparse():
+            continue
+        if info.offset_data + info.size > size:
+            problem = problem or f"member {info.name} is cut short"
+        key, ext = split_member_name(info.name)
+        if not records or records[-1][0] != key:
+            records.append((key, {}))
+        records[-1][1][ext] = Member(offset=info.offset_data, size=info.size)
 
 
 @dataclass
@@ -115,57 +166,152 @@ def _parse_meta(raw: bytes, key: str) -> dict:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadRecord("json", f"{key}.json is not JSON ({e})") from None
+    except RecursionError:
+        raise BadRecord("json", f"{key}.json is nested too deeply") from None
     if not isinstance(meta, dict):
         raise BadRecord("json", f"{key}.json: expected an object, got {type(meta).__name__}")
     ts = meta.get("timestamps")
-    if not isinstance(ts, list) or not all(isinstance(t, (int, float)) and math.isfinite(t) for t in ts):
+    if not isinstance(ts, list) or not all(_is_number(t) and math.isfinite(t) for t in ts):
         raise BadRecord("missing_field", f"{key}.json 'timestamps': expected a list of finite numbers")
     if not isinstance(meta.get("conversations", []), list) or not isinstance(meta.get("qa", []), list):
         raise BadRecord("missing_field", f"{key}.json 'conversations'/'qa': expected lists")
     if "conversations" not in meta and "qa" not in meta:
         raise BadRecord("missing_field", f"{key}.json: neither 'conversations' nor 'qa'")
+    problem = check_meta(meta)
+    if problem is not None:
+        raise BadRecord("schema", f"{key}.json {problem}")
     return meta
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_text(x) -> bool:
+    return isinstance(x, str) and x.strip() != ""
+
+
+def check_turn(turn) -> str | None:
+    """What is wrong with one ShareGPT turn ({"from", "value"}, or {"role", "content"}), or None."""
+    if not isinstance(turn, dict):
+        return f"expected an object with 'from' and 'value', got {type(turn).__name__}"
+    role, value = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+    if not isinstance(role, str) or not isinstance(value, str):
+        return "expected a string 'from' and a string 'value'"
+    return None
+
+
+def check_qa_item(item) -> str | None:
+    """What is wrong with one multiple-choice item (the form `mambamia convert` writes), or None."""
+    if not isinstance(item, dict):
+        return f"expected an object, got {type(item).__name__}"
+    if not _is_text(item.get("question")):
+        return "'question': expected a non-empty string"
+    options = item.get("options")
+    if not isinstance(options, list) or not 2 <= len(options) <= 26 or not all(isinstance(o, str) for o in options):
+        return "'options': expected a list of 2 to 26 strings"
+    answer = item.get("answer")
+    if answer is not None and not (isinstance(answer, int) and not isinstance(answer, bool)
+                                   and 0 <= answer < len(options)):
+        return f"'answer': expected null or an index below {len(options)}"
+    if item.get("id") is not None and not isinstance(item["id"], (str, int)):
+        return "'id': expected a string"
+    for name in ("type", "duration_bucket", "time_reference"):
+        if item.get(name) is not None and not isinstance(item[name], str):
+            return f"{name!r}: expected a string or null"
+    return None
+
+
+def check_meta(meta: dict) -> str | None:
+    """What is wrong below the top level of a record's metadata, or None: every conversation a
+    list of turns, every qa item complete. Cheap (a walk over a few KB of parsed JSON), and it
+    means nothing downstream meets a type it did not expect."""
+    for i, conv in enumerate(meta.get("conversations", [])):
+        if not isinstance(conv, list):
+            return f"'conversations'[{i}]: expected a list of turns, got {type(conv).__name__}"
+        for j, turn in enumerate(conv):
+            problem = check_turn(turn)
+            if problem is not None:
+                return f"'conversations'[{i}][{j}]: {problem}"
+    for i, item in enumerate(meta.get("qa", [])):
+        problem = check_qa_item(item)
+        if problem is not None:
+            return f"'qa'[{i}]: {problem}"
+    return None
+
+
 _NPY_MAGIC = b"\x93NUMPY"
-_NPY_DESCR = re.compile(r"""['"]descr['"]\s*:\s*['"]([<>|=]?[A-Za-z]+\d*)['"]""")
-_NPY_FORTRAN = re.compile(r"""['"]fortran_order['"]\s*:\s*(True|False)""")
-_NPY_SHAPE = re.compile(r"""['"]shape['"]\s*:\s*\(\s*((?:\d+\s*,\s*)*\d*)\s*\)""")
+# numpy writes "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3, 4), }" padded with spaces
+# and a newline, and reads it back with ast.literal_eval. Only that grammar is accepted here: a
+# dict of exactly the three keys, each once (literal_eval would keep the last of duplicates, a
+# first-match search the first), a plain type code, a bool, a tuple of decimal integers.
+_NPY_ENTRY = re.compile(r"""\s*(?P<q>['"])(?P<name>[a-z_]+)(?P=q)\s*:\s*(?:"""
+                        r"""(?P<sq>['"])(?P<str>[<>|=]?[a-z]\d{1,2})(?P=sq)"""
+                        r"""|(?P<bool>True|False)"""
+                        r"""|\((?P<tuple>\s*|(?:\s*(?:0|[1-9]\d*)\s*,)+(?:\s*(?:0|[1-9]\d*)\s*)?)\))\s*""")
+_NPY_KEYS = {"descr", "fortran_order", "shape"}
 
 
-def _parse_npy_header(probe: bytes, key: str) -> tuple[tuple[int, ...], np.dtype, int]:
-    """(shape, dtype, header length) from the first bytes of an npy member.
+def _npy_header_fields(header: str) -> dict | None:
+    """The header dict's values (str, bool or tuple) when it is a plain array header, else None."""
+    text = header.strip(" \n")
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    body, pos, fields = text[1:-1], 0, {}
+    while (m := _NPY_ENTRY.match(body, pos)) is not None:
+        if m["name"] in fields:
+            return None
+        if m["str"] is not None:
+            fields[m["name"]] = m["str"]
+        elif m["bool"] is not None:
+            fields[m["name"]] = m["bool"] == "True"
+        else:
+            fields[m["name"]] = tuple(int(d) for d in m["tuple"].replace(" ", "").split(",") if d.strip())
+        pos = m.end()
+        if body.startswith(",", pos):
+            pos += 1
+        else:
+            break
+    if body[pos:].strip() or set(fields) != _NPY_KEYS:
+        return None
+    kinds = {"descr": str, "fortran_order": bool, "shape": tuple}
+    return fields if all(isinstance(fields[k], t) for k, t in kinds.items()) else None
 
-    The header is a Python dict literal; it is matched field by field instead of evaluated (numpy's
-    reader uses ast.literal_eval, which CPython 3.11 can fail on nondeterministically in forked
-    workers), and a descr other than a plain type code - a structured or object dtype - is refused.
+
+def parse_npy_header(probe: bytes, key: str = "array") -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) from the first bytes of an npy member; BadRecord("npy") if
+    it is not a plain C-order array header numpy would read the same way.
+
+    The header is matched against numpy's grammar instead of evaluated (numpy's reader uses
+    ast.literal_eval, which CPython 3.11 can fail on nondeterministically in forked workers), and
+    a descr other than a plain type code - a structured or object dtype - is refused.
     """
     where = f"{key}.{FEATURES_MEMBER}"
     if probe[:6] != _NPY_MAGIC or len(probe) < 10:
         raise BadRecord("npy", f"{where}: not an npy file")
-    major = probe[6]
-    if major == 1:
+    major, minor = probe[6], probe[7]
+    if major == 1 and minor == 0:
         start, length = 10, int.from_bytes(probe[8:10], "little")
-    elif major in (2, 3) and len(probe) >= 12:
+    elif major in (2, 3) and minor == 0 and len(probe) >= 12:
         start, length = 12, int.from_bytes(probe[8:12], "little")
     else:
-        raise BadRecord("npy", f"{where}: npy version {major} unknown")
+        raise BadRecord("npy", f"{where}: npy version {major}.{minor} unknown")
     if start + length > len(probe):
         raise BadRecord("npy", f"{where}: npy header of {length} bytes is cut short or too long")
-    header = probe[start: start + length].decode("utf-8" if major == 3 else "latin1", "replace")
-    descr, fortran, shape = _NPY_DESCR.search(header), _NPY_FORTRAN.search(header), _NPY_SHAPE.search(header)
-    if descr is None or fortran is None or shape is None:
-        raise BadRecord("npy", f"{where}: npy header {header.strip()!r} is not a plain array header")
     try:
-        dtype = np.dtype(descr.group(1))
+        header = probe[start: start + length].decode("utf-8" if major == 3 else "latin1")
+    except UnicodeDecodeError:
+        raise BadRecord("npy", f"{where}: npy header is not UTF-8") from None
+    fields = _npy_header_fields(header)
+    if fields is None:
+        raise BadRecord("npy", f"{where}: npy header {header.strip()[:120]!r} is not a plain array header")
+    try:
+        dtype = np.dtype(fields["descr"])
     except TypeError:
-        raise BadRecord("npy", f"{where}: unknown dtype {descr.group(1)!r}") from None
-    if dtype.hasobject:
-        raise BadRecord("npy", f"{where}: object arrays need pickle, refused")
-    if fortran.group(1) == "True":
+        raise BadRecord("npy", f"{where}: unknown dtype {fields['descr']!r}") from None
+    if fields["fortran_order"]:
         raise BadRecord("npy", f"{where}: Fortran order, expected C order")
-    dims = tuple(int(d) for d in shape.group(1).replace(" ", "").split(",") if d)
-    return dims, dtype, start + length
+    return fields["shape"], dtype, start + length
 
 
 def all_finite(x: np.ndarray, chunk: int = _READ_PIECE // 2) -> bool:
@@ -219,22 +365,36 @@ class ShardReader:
 
     def _member(self, table: ShardTable, key: str, members: dict[str, Member], ext: str) -> Member:
         if ext not in members:
-            raise BadRecord("missing_field", f"{table.path}: record {key} has no .{ext} member")
+            raise BadRecord("missing_field", f"no .{ext} member")
         m = members[ext]
         if m.offset + m.size > table.file_size:
-            raise BadRecord("truncated", f"{table.path}: {key}.{ext} is cut short")
+            raise BadRecord("truncated", f"{key}.{ext} is cut short")
         return m
 
     def head(self, path: str, index: int) -> RecordHead:
+        """Record `index` of the shard, its metadata and npy layout checked; BadRecord if not."""
         table = self.table(path)
         if index >= len(table.records):
-            raise BadRecord("truncated", f"{path}: record {index} missing ({len(table.records)} in the tar)")
+            reason = "shard" if table.unreadable else "truncated"
+            raise BadRecord(reason, f"record {index} missing ({len(table.records)} in the tar"
+                                    + (f"; {table.problem})" if table.problem else ")"),
+                            shard=path, key=f"#{index}")
+        key = table.records[index][0]
+        try:
+            return self._head(table, index)
+        except BadRecord as e:
+            e.shard, e.key = path, key
+            raise
+
+    def _head(self, table: ShardTable, index: int) -> RecordHead:
         key, members = table.records[index]
-        fd = self._fd(path)
+        fd = self._fd(table.path)
         m = self._member(table, key, members, META_MEMBER)
+        if m.size > MAX_META_BYTES:
+            raise BadRecord("json", f"{key}.json is {m.size} bytes, above the {MAX_META_BYTES} limit")
         meta = _parse_meta(os.pread(fd, m.size, m.offset), key)
         f = self._member(table, key, members, FEATURES_MEMBER)
-        shape, dtype, header_len = _parse_npy_header(os.pread(fd, min(f.size, _NPY_HEAD_PROBE), f.offset), key)
+        shape, dtype, header_len = parse_npy_header(os.pread(fd, min(f.size, _NPY_HEAD_PROBE), f.offset), key)
         if dtype != np.dtype("<f2"):
             raise BadRecord("dtype", f"{key}.{FEATURES_MEMBER}: expected float16, got {dtype}")
         if len(shape) != 3 or min(shape) < 1:
@@ -246,7 +406,7 @@ class ShardReader:
                 raise BadRecord("shape", f"{key}.{FEATURES_MEMBER}: {name} {got}, expected {want}")
         if header_len + 2 * math.prod(shape) != f.size:
             raise BadRecord("npy", f"{key}.{FEATURES_MEMBER}: {f.size} bytes do not hold {list(shape)} float16")
-        return RecordHead(key=key, meta=meta, shape=shape, data_offset=f.offset + header_len, path=path)
+        return RecordHead(key=key, meta=meta, shape=shape, data_offset=f.offset + header_len, path=table.path)
 
     def read_frames(self, head: RecordHead, frame_idx: np.ndarray, out: torch.Tensor) -> None:
         """Frames `frame_idx` (ascending) of the record into `out` [len(frame_idx), P, D].
@@ -274,9 +434,15 @@ class ShardReader:
                 hi = min(lo + _READ_PIECE, end * frame_bytes)
                 piece = flat[lo // 2: hi // 2] if direct else self._stage[: (hi - lo) // 2]
                 if _read_exact(fd, memoryview(piece).cast("B"), source + lo - start * frame_bytes) != hi - lo:
-                    raise BadRecord("truncated", f"{head.path}: {head.key} features end early")
+                    raise BadRecord("truncated", "features end early", shard=head.path, key=head.key)
                 if self.check_finite and not all_finite(piece):
-                    raise BadRecord("nonfinite", f"{head.path}: {head.key} features hold NaN or inf")
+                    raise BadRecord("nonfinite", "features hold NaN or inf", shard=head.path, key=head.key)
                 if not direct:
                     target[lo // 2: hi // 2].copy_(torch.from_numpy(piece.view(np.float16)))
             start = end
+
+    def read_features(self, head: RecordHead) -> np.ndarray:
+        """The record's whole float16 [F, P, D] array (checked as `read_frames` checks it)."""
+        out = torch.empty(head.shape, dtype=torch.float16)
+        self.read_frames(head, np.arange(head.shape[0]), out)
+        return out.numpy()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from jinja2 import TemplateError
+
 VIDEO_TOKEN = "<video>"
 IGNORE_INDEX = -100
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -41,19 +43,32 @@ def mcq_prompt(question: str, options: list[str]) -> str:
 
 def qa_conversation(item: dict) -> list[dict] | None:
     """A multiple-choice item as a training conversation; None when it has no answer."""
-    answer, options = item.get("answer"), item.get("options")
+    if not isinstance(item, dict):
+        raise ValueError(f"qa item: expected an object, got {type(item).__name__}")
+    answer, options, question = item.get("answer"), item.get("options"), item.get("question")
     if answer is None:
         return None
-    if not isinstance(options, list) or not isinstance(answer, int) or not 0 <= answer < len(options):
-        raise ValueError(f"qa item {item.get('id')!r}: expected an answer index into 'options'")
-    return [{"from": "human", "value": f"{VIDEO_TOKEN}\n" + mcq_prompt(str(item["question"]), options)},
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"qa item {item.get('id')!r}: expected a non-empty string 'question'")
+    if (not isinstance(options, list) or not all(isinstance(o, str) for o in options)
+            or not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(options)):
+        raise ValueError(f"qa item {item.get('id')!r}: expected an answer index into a list of string 'options'")
+    return [{"from": "human", "value": f"{VIDEO_TOKEN}\n" + mcq_prompt(question, options)},
             {"from": "gpt", "value": option_letter(answer)}]
 
 
 def record_conversations(meta: dict) -> list[list[dict]]:
     """Every training conversation a record offers: its conversations, then its answered qa items."""
-    convs = [c for c in meta.get("conversations", []) if c]
-    for item in meta.get("qa", []):
+    conversations, qa = meta.get("conversations", []), meta.get("qa", [])
+    if not isinstance(conversations, list) or not isinstance(qa, list):
+        raise ValueError("'conversations' and 'qa': expected lists")
+    convs = []
+    for i, c in enumerate(conversations):
+        if not isinstance(c, list):
+            raise ValueError(f"conversation {i}: expected a list of turns, got {type(c).__name__}")
+        if c:
+            convs.append(c)
+    for item in qa:
         conv = qa_conversation(item)
         if conv is not None:
             convs.append(conv)
@@ -62,9 +77,14 @@ def record_conversations(meta: dict) -> list[list[dict]]:
 
 def to_messages(conversation: list[dict]) -> list[dict]:
     """ShareGPT turns -> chat messages with exactly one `<video>`, in the first user turn."""
+    if not isinstance(conversation, list):
+        raise ValueError(f"conversation: expected a list of turns, got {type(conversation).__name__}")
     messages = []
     for i, turn in enumerate(conversation):
-        role = _ROLES.get(turn.get("from", turn.get("role")))
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {i}: expected an object, got {type(turn).__name__}")
+        role = turn.get("from", turn.get("role"))
+        role = _ROLES.get(role) if isinstance(role, str) else None
         content = turn.get("value", turn.get("content"))
         if role is None or not isinstance(content, str):
             raise ValueError(f"turn {i}: expected 'from' in {sorted(_ROLES)} and a string 'value'")
@@ -83,7 +103,10 @@ def to_messages(conversation: list[dict]) -> list[dict]:
 
 
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:  # a template refusing this conversation (e.g. roles it does not allow)
+        raise ValueError(f"chat template: {e}") from None
 
 
 def answer_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

@@ -367,3 +367,37 @@ def test_float32_features_are_the_stored_float16_values(dataset, tok):
                         _run(VideoLoader([path], tok, features_dtype="float32", **opts))):
         _check_batch_content(b16, tok, 4)  # against the values each record was written with
         assert b32["features"].dtype == torch.float32 and torch.equal(b32["features"], b16["features"].float())
+
+
+_GOOD_TURNS = [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "That."}]
+
+
+@pytest.mark.parametrize("change", [
+    {"conversations": [["x"]]},
+    {"conversations": [5]},
+    {"conversations": [[{"from": ["human"], "value": "x"}, _GOOD_TURNS[1]]]},
+    {"conversations": [[{"from": "human", "value": 5}, _GOOD_TURNS[1]]]},
+    {"qa": ["s"]},
+    {"qa": [{"options": ["a", "b"], "answer": 0}]},
+    {"qa": [{"question": "q?", "options": "ab", "answer": 0}]},
+    {"qa": [{"question": "q?", "options": ["a", "b"], "answer": True}]},
+    {"conversations": [_GOOD_TURNS], "qa": [{"question": "q?", "options": ["a", 3], "answer": 0}]},
+], ids=["str-turn", "int-conv", "list-role", "int-value", "str-qa", "no-question", "str-options",
+        "bool-answer", "int-option"])
+def test_one_malformed_record_is_skipped_named_and_counted(tmp_path, tok, caplog, change):
+    """Malformed leaves of a record's metadata (issue 18.2): skipped with shard and key in the log,
+    counted as `schema`, and the epoch goes on with every good record, at the default limit."""
+    with ShardWriter(tmp_path, max_samples=4) as w:
+        for i in range(7):
+            key = f"k{i}"
+            meta = {**_meta(key, 3, i), **(change if i == 3 else {})}
+            w.write(key, _features(i, 3), meta)
+    write_index(tmp_path)
+    loader = VideoLoader([tmp_path], tok, batch_size=2, num_workers=0)
+    with caplog.at_level("WARNING", logger="data.loader"):
+        keys = _keys(_run(loader))
+    assert sorted(set(keys)) == ["k0", "k1", "k2", "k4", "k5", "k6"]
+    assert loader.bad_counts == {"schema": 1}
+    named = [r.getMessage() for r in caplog.records if "k3" in r.getMessage()]
+    assert len(named) == 1 and "shard-r00000-000000.tar" in named[0] and "schema" in named[0]
+    assert _keys(_run(loader)) != []  # the next epoch too
