@@ -8,6 +8,7 @@ real tiny exported model and check its option log-likelihoods against the model'
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -304,3 +305,123 @@ def test_unreadable_record_metadata_names_the_record(tmp_path):
     (folder / "index.json").unlink()
     with pytest.raises(FileNotFoundError, match="index.json: missing"):
         list(iter_records(folder))
+
+
+# ---------------------------------------------------------------- warnings: scores that mean nothing
+
+def _items(answers, type="colour"):
+    return [parse_qa_item(qa(f"d{i}", a, type), video_key=f"v{i}", where="t") for i, a in enumerate(answers)]
+
+
+def test_flat_letter_probabilities_and_constant_choice_warn():
+    from trainer.evaluate import diagnose
+
+    items = _items([0, 1, 2, 3, 1, 2, 3, 0])
+    # a model trained on words: 1% of its next-token probability spread evenly over the letters,
+    # A a hair ahead, so A wins every item
+    flat = [math.log(0.0026), math.log(0.0025), math.log(0.0025), math.log(0.0024)]
+    preds = score_items(items, method="loglik", loglik_fn=lambda item: flat)
+    numbers, warnings = diagnose(preds, method="loglik", target="letter")
+    assert numbers["flat_items"] == 8 and numbers["letter_mass_mean"] == pytest.approx(0.01)
+    text = " | ".join(warnings)
+    assert "option A chosen on 8 of 8 items" in text and "near-uniform on 8 of 8" in text and "1.0%" in text
+    assert all("\n" not in w for w in warnings)
+    # the report carries them and the table shows them
+    report = summarize(preds, visual_tokens={f"v{i}": 1 for i in range(8)}, method="loglik")
+    report["warnings"] = warnings
+    assert format_table(report).count("WARNING:") == len(warnings)
+
+
+def test_a_model_that_knows_its_letters_gets_no_warning():
+    from trainer.evaluate import diagnose
+
+    answers = [0, 1, 2, 3, 1, 2, 3, 0]
+    items = _items(answers)
+    # 95% of the probability on the letters, most of it on the answer (one item wrong)
+    def scores(item):
+        i = int(item.id[1:])
+        best = answers[i] if i != 5 else 0
+        return [math.log(0.8 if j == best else 0.05) for j in range(4)]
+    preds = score_items(items, method="loglik", loglik_fn=scores)
+    numbers, warnings = diagnose(preds, method="loglik", target="letter", training_forms=["mc", "open"])
+    assert warnings == [] and numbers["flat_items"] == 0 and numbers["letter_mass_mean"] == pytest.approx(0.95)
+
+
+def test_constant_choice_per_question_type_and_unparsed_generations_warn():
+    from trainer.evaluate import diagnose
+
+    items = _items([0, 1, 2, 3, 0], "colour") + _items([1, 2, 3, 0, 1], "place")
+    for i, item in enumerate(items):
+        item.id = f"x{i}"
+    # option text scoring: "colour" items always pick C, "place" items follow the answer
+    preds = score_items(items, method="loglik", loglik_fn=lambda item: [
+        0.0 if (j == 2 if item.type == "colour" else j == item.answer) else -1.0 for j in range(4)])
+    _, warnings = diagnose(preds, method="loglik", target="text")
+    assert len(warnings) == 1 and warnings[0].startswith("type 'colour': option C chosen on 5 of 5 items")
+    outputs = ["gred"] * 4 + ["B"] * 6
+    gen = score_items(items, method="generate", generate_fn=lambda item: outputs[int(item.id[1:])])
+    numbers, warnings = diagnose(gen, method="generate", target="letter")
+    assert numbers["unparsed_fraction"] == pytest.approx(0.4) and not any("name no option" in w for w in warnings)
+    gen = score_items(items, method="generate", generate_fn=lambda item: "gred")
+    _, warnings = diagnose(gen, method="generate", target="letter", training_forms=["open"])
+    assert any("10 of 10 generated answers name no option" in w for w in warnings)
+    assert any("holds no multiple-choice items" in w for w in warnings)
+
+
+def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path):
+    """A real model made blind to letters (the letters' output rows equal, so their logits are
+    equal) triggers the warning and the report records it; `--target text` scores the option
+    text after the bare question, checked against the training tokenization."""
+    import torch
+
+    from data.text import tokenize_conversation
+    from trainer.evaluate import main
+
+    model = _tiny_export(tiny_assets, tmp_path / "export")
+    letters = [model.tokenizer(c, add_special_tokens=False)["input_ids"] for c in "ABCD"]
+    assert all(len(ids) == 1 for ids in letters)
+    head = model.llm.get_output_embeddings().weight
+    with torch.no_grad():
+        for ids in letters:
+            head[ids[0]] = head[letters[0][0]]
+    model.save_pretrained(tmp_path / "export")
+    (tmp_path / "export" / "training.json").write_text(json.dumps({"answer_forms": ["open"]}))
+    rng = np.random.default_rng(1)
+    videos = {f"vid{i}": [qa(f"f{i}", i % 4, "colour")] for i in range(6)}
+    features = {k: rng.standard_normal((3, 16, 32)).astype(np.float16) for k in videos}
+    with ShardWriter(tmp_path / "ds", max_samples=3) as writer:
+        for key, items in videos.items():
+            writer.write(key, features[key], {"key": key, "duration": 3.0, "fps": 1.0, "qa": items,
+                                              "conversations": []})
+    write_index(tmp_path / "ds")
+
+    out = tmp_path / "eval" / "letters.json"
+    assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["diagnostics"]["flat_items"] == 6 and report["tied"] == 6
+    assert report["diagnostics"]["training_answer_forms"] == ["open"]
+    text = " | ".join(report["warnings"])
+    assert "near-uniform on 6 of 6" in text and "option A chosen on 6 of 6" in text
+    assert "holds no multiple-choice items" in text
+    assert "WARNING:" in out.with_suffix(".txt").read_text()
+
+    out = tmp_path / "eval" / "text.json"
+    assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(out), "--target", "text"]) == 0
+    report = json.loads(out.read_text())
+    assert not any("multiple-choice" in w for w in report["warnings"])
+    for p in report["predictions"]:
+        item = videos[p["video_key"]][0]
+        expected = []
+        for option in item["options"]:
+            ids, labels = tokenize_conversation(model.tokenizer, [
+                {"from": "human", "value": f"<video>\n{item['question']}"}, {"from": "gpt", "value": option}], 256)
+            answer = [t for t, lab in enumerate(labels) if lab != -100][:-1]  # not the end-of-turn token
+            feats = torch.from_numpy(features[p["video_key"]].astype(np.float32)).unsqueeze(0)
+            with torch.no_grad():
+                out_ = model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), feats,
+                             torch.ones(1, 3, dtype=torch.bool), labels=torch.tensor([labels]))
+            logp = torch.log_softmax(out_.logits[0].double(), -1)
+            spliced = out_.labels[0]
+            positions = [t for t in range(1, len(spliced)) if spliced[t] != -100][:len(answer)]
+            expected.append(sum(logp[t - 1, spliced[t]].item() for t in positions))
+        assert p["scores"] == pytest.approx(expected, abs=1e-4)

@@ -10,8 +10,10 @@ items are scored; `--open-ended FILE.jsonl` also answers every record's first hu
 
 Rules (they decide the numbers, so they are fixed and written down here):
 - `loglik` picks the option whose answer text has the highest log-likelihood after the prompt.
-  The answer text is the option letter (`--target letter`, what the model is trained to answer)
-  or "B. text" (`--target option`); the score is the sum of the answer tokens' log-probabilities
+  The answer text is the option letter (`--target letter`, what multiple-choice training teaches),
+  "B. text" (`--target option`), or, after the question alone without the option list, the
+  option's text (`--target text`, what training on word answers teaches); the score is the sum
+  of the answer tokens' log-probabilities
   (`--reduce sum`, the joint probability of the answer) or their mean (`--reduce mean`, which
   stops long options from being penalised for their length).
 - Ties: the lowest option index among the maxima wins (plain argmax), and the item is flagged
@@ -23,6 +25,11 @@ Rules (they decide the numbers, so they are fixed and written down here):
   naming the shard, the record and the field.
 - Accuracy = correct / scored, overall, per question type and per duration bucket, beside the
   visual tokens per video (mean, max) from the model's budget function.
+- Warnings (`diagnose`, in the report's `warnings` and printed) say when the numbers cannot mean
+  what they seem to: one option chosen for (nearly) every item, letter probabilities that are tiny
+  or flat (the model was not taught to answer with a letter), most generated answers naming no
+  option, or a training mixture recorded in the export (training.json) without multiple-choice
+  items while the scoring asks for letters.
 """
 from __future__ import annotations
 
@@ -177,6 +184,87 @@ def summarize(predictions: list[dict], *, visual_tokens: dict[str, int], method:
     }
 
 
+# A diagnosis needs this many items: on fewer, one option winning everywhere is plausible.
+MIN_ITEMS_TO_DIAGNOSE = 5
+CONSTANT_CHOICE = 0.9
+"""One option index predicted for at least this fraction of a group's items: answering by position."""
+FLAT_ENTROPY = 0.97
+"""Normalised entropy (1 = uniform) of an item's letter distribution at or above which it is flat."""
+LOW_LETTER_MASS = 0.5
+"""Mean next-token probability the option letters together get, below which the model does not
+answer with a letter at all (a model trained on letters gives them nearly all of it)."""
+
+
+def _constant_choice(preds: list[dict], group: str) -> str | None:
+    chosen = [p["predicted"] for p in preds if p["predicted"] is not None]
+    if len(preds) < MIN_ITEMS_TO_DIAGNOSE or not chosen:
+        return None
+    index, count = max(((i, chosen.count(i)) for i in set(chosen)), key=lambda ic: (ic[1], -ic[0]))
+    if count < CONSTANT_CHOICE * len(preds):
+        return None
+    answers = sorted({p["answer"] for p in preds if p["answer"] is not None})
+    spread = (f" while the answers are spread over {', '.join(option_letter(a) for a in answers)}"
+              if len(answers) > 1 else "")
+    return (f"{group}: option {option_letter(index)} chosen on {count} of {len(preds)} items{spread}: "
+            "the model answers by position, not by content")
+
+
+def _letter_diagnosis(preds: list[dict]) -> tuple[dict, list[str]]:
+    """Letter scores are log-probabilities of the next token: how much of it the letters get,
+    and how evenly they share it."""
+    masses, flat = [], 0
+    for p in preds:
+        probs = np.exp(np.asarray(p["scores"], dtype=np.float64))
+        mass = float(probs.sum())
+        masses.append(mass)
+        share = probs / mass if mass > 0 else np.full(len(probs), 1 / len(probs))
+        entropy = -float(np.sum(share * np.log(np.clip(share, 1e-300, None))))
+        flat += entropy / math.log(len(share)) >= FLAT_ENTROPY
+    numbers = {"letter_mass_mean": sum(masses) / len(masses), "flat_items": flat}
+    warnings = []
+    if numbers["letter_mass_mean"] < LOW_LETTER_MASS:
+        warnings.append(f"the option letters get {100 * numbers['letter_mass_mean']:.1f}% of the model's "
+                        "next-token probability on average: it was not trained to answer with a letter "
+                        "(word answers in training?); try --target text, or --open-ended")
+    if flat > len(preds) / 2:
+        warnings.append(f"the letter probabilities are near-uniform on {flat} of {len(preds)} items: "
+                        "the model does not tell the options apart by letter, and ties break to A")
+    return numbers, warnings
+
+
+def diagnose(predictions: list[dict], *, method: str, target: str,
+             training_forms: list[str] | None = None) -> tuple[dict, list[str]]:
+    """(numbers, one-line warnings) saying when the accuracy cannot mean what it seems to."""
+    numbers: dict = {}
+    warnings = []
+    if training_forms is not None and "mc" not in training_forms and (method == "generate" or target != "text"):
+        warnings.append(f"the export's training mixture holds no multiple-choice items (answer forms "
+                        f"{sorted(training_forms)}), yet this scoring asks for option letters; "
+                        "--target text scores the answer in words")
+    if len(predictions) < MIN_ITEMS_TO_DIAGNOSE:
+        return numbers, warnings
+    constant = _constant_choice(predictions, "all items")
+    if constant:
+        warnings.append(constant)
+    else:
+        by_type: dict[str, list[dict]] = {}
+        for p in predictions:
+            by_type.setdefault(p["type"], []).append(p)
+        warnings += filter(None, (_constant_choice(group, f"type {name!r}") for name, group in sorted(
+            by_type.items(), key=lambda kv: str(kv[0])) if name is not None))
+    if method == "loglik" and target == "letter":
+        letter_numbers, letter_warnings = _letter_diagnosis(predictions)
+        numbers.update(letter_numbers)
+        warnings += letter_warnings
+    if method == "generate":
+        unparsed = sum(p["predicted"] is None for p in predictions)
+        numbers["unparsed_fraction"] = unparsed / len(predictions)
+        if unparsed > len(predictions) / 2:
+            warnings.append(f"{unparsed} of {len(predictions)} generated answers name no option: the model "
+                            "does not answer in the letter form; see the outputs in the report")
+    return numbers, warnings
+
+
 def merge_parts(parts: Sequence[dict]) -> tuple[list[dict], dict[str, int]]:
     """Union of per-rank parts ({"predictions", "visual_tokens"}); an item twice is an error."""
     predictions, tokens, seen = [], {}, set()
@@ -206,6 +294,7 @@ def format_table(report: dict) -> str:
     lines.append(f"chance {pct(chance).strip()} | items {report['items']}, unanswered {report['unanswered']}, "
                  f"unparsed {report['unparsed']}, tied {report['tied']} | visual tokens per video: "
                  f"mean {vt['mean']:.1f}, max {vt['max']} over {vt['videos']} videos")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 
 
@@ -343,10 +432,14 @@ class ModelQA:
                     frame_mask=torch.ones(len(rows), feats.shape[0], dtype=torch.bool, device=self.device))
 
     def option_logliks(self, item: QAItem, features: np.ndarray) -> list[float]:
-        prompt = self.prompt_text(f"{VIDEO_TOKEN}\n{mcq_prompt(item.question, item.options)}")
+        if self.target == "text":  # the question as a word-answer training conversation asks it
+            prompt = self.prompt_text(f"{VIDEO_TOKEN}\n{item.question.strip()}")
+            answers = [o.strip() for o in item.options]
+        else:
+            prompt = self.prompt_text(f"{VIDEO_TOKEN}\n{mcq_prompt(item.question, item.options)}")
+            answers = [option_letter(i) if self.target == "letter" else f"{option_letter(i)}. {o}"
+                       for i, o in enumerate(item.options)]
         prompt_ids = self._ids(prompt)
-        answers = [option_letter(i) if self.target == "letter" else f"{option_letter(i)}. {o}"
-                   for i, o in enumerate(item.options)]
         conts = []
         for answer in answers:
             full = self._ids(prompt + answer)
@@ -376,18 +469,46 @@ class ModelQA:
         return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
+SCORING_MODES = """\
+scoring modes: pick the one that matches how the model was taught to answer
+  letter log-likelihood       --method loglik --target letter   (the default)
+      The prompt lists the options and asks for the letter; each letter's probability is
+      compared. Fits models trained on multiple-choice items answered by letter (the `qa` items
+      of converted benchmark shards are trained that way). A model trained on word answers
+      gives the letters little, nearly equal probability and ends up answering "A": eval warns.
+  option-text log-likelihood  --method loglik --target text | option
+      `text`: the question alone (no option list), each option's text scored as the answer: the
+      form a model trained on word answers ("red") learned. `option`: the letter prompt with
+      "B. <option text>" scored. Options differ in length: consider --reduce mean.
+  generated letter            --method generate
+      Greedy decoding after the letter prompt; the letter (or an option's exact text) is parsed
+      from the output, anything else counts as wrong and `unparsed`. Shows what the model says.
+  open-ended                  --open-ended FILE.jsonl   (beside any method)
+      Every record's first human turn answered by generation, next to the reference answer; no
+      accuracy. Fits models trained on free-form answers; read it or give it to a judge.
+
+Warnings (in the table, on stderr and in the report's `warnings`) say when the accuracy cannot
+mean what it seems: one option chosen nearly everywhere, letter probabilities tiny or flat, most
+generated answers naming no option, a training mixture (the export's training.json) with no
+multiple-choice items while letters are scored.
+
+example: mambamia eval runs/stage2_export data/lvbench_shards --out eval/lvbench.json
+"""
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="mambamia eval",
         description="Score an exported model on the multiple-choice `qa` items of converted shards "
                     "(LVBench, MLVU, Video-MME, ... after `mambamia convert`).",
-        epilog="example: mambamia eval runs/stage2_export data/lvbench_shards --out eval/lvbench.json")
+        epilog=SCORING_MODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export_dir", help="folder written by `mambamia export` (VideoLLM.save_pretrained)")
     p.add_argument("shards", help="dataset folder with shards and index.json")
     p.add_argument("--out", required=True, help="JSON report path; the table goes beside it as .txt")
-    p.add_argument("--method", choices=["loglik", "generate"], default="loglik")
-    p.add_argument("--target", choices=["letter", "option"], default="letter",
-                   help="loglik: score the letter alone or 'B. option text'")
+    p.add_argument("--method", choices=["loglik", "generate"], default="loglik",
+                   help="loglik: compare the options' log-likelihoods; generate: decode and parse a letter")
+    p.add_argument("--target", choices=["letter", "option", "text"], default="letter",
+                   help="loglik: score the letter, 'B. option text', or the option text after the bare question")
     p.add_argument("--reduce", choices=["sum", "mean"], default="sum",
                    help="loglik: sum (joint probability) or mean (length-normalised) over answer tokens")
     p.add_argument("--max-frames", type=int, default=None, help="thin longer videos uniformly to this many frames")
@@ -434,9 +555,23 @@ def _score_share(args: argparse.Namespace, rank: int, world_size: int) -> dict:
     return {"predictions": predictions, "visual_tokens": tokens, "kept_frames": kept, "open_ended": answers}
 
 
+def recorded_training_forms(export_dir: str | Path) -> list[str] | None:
+    """Answer forms of the training mixture as `mambamia export` recorded them (None: unknown)."""
+    path = Path(export_dir) / "training.json"
+    try:
+        forms = json.loads(path.read_text()).get("answer_forms")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return forms if isinstance(forms, list) and all(isinstance(f, str) for f in forms) else None
+
+
 def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
     predictions, tokens = merge_parts(parts)
     report = summarize(predictions, visual_tokens=tokens, method=args.method)
+    forms = recorded_training_forms(args.export_dir)
+    report["diagnostics"], report["warnings"] = diagnose(report["predictions"], method=args.method,
+                                                         target=args.target, training_forms=forms)
+    report["diagnostics"]["training_answer_forms"] = forms
     kept = {k: v for part in parts for k, v in part["kept_frames"].items()}
     report.update(export_dir=str(args.export_dir), shards=str(args.shards), target=args.target,
                   reduce=args.reduce, world_size=len(parts),
@@ -449,6 +584,8 @@ def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
         rows = sorted((a for part in parts for a in part["open_ended"]), key=lambda a: a["id"])
         write_atomic(args.open_ended, "".join(json.dumps(r) + "\n" for r in rows))
     print(table)
+    for warning in report["warnings"]:
+        print(f"mambamia eval: warning: {warning}", file=sys.stderr)
     print(f"report: {out}  table: {out.with_suffix('.txt')}" + (f"  open-ended: {args.open_ended}" if args.open_ended else ""))
     return report
 

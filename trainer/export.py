@@ -92,7 +92,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
     info = ckpt.info(step)
     if int(info.get("zero_stage", 0)) == 3:
         check_zero3_partitions(folder, int(info["world_size"]))
-    model = build_model(_run_config(folder, run_dir))
+    cfg = _run_config(folder, run_dir)
+    model = build_model(cfg)
     from trainer.pipeline import is_pipeline_checkpoint, pipeline_state_dict
 
     state = (pipeline_state_dict(folder, model) if is_pipeline_checkpoint(folder)
@@ -104,6 +105,9 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=True)
     model.save_pretrained(out_dir)  # temporary sibling folder + rename
+    from trainer.validation import write_training_record
+
+    write_training_record(cfg, out_dir)  # what eval checks its scoring mode against
     return out_dir
 
 

@@ -214,3 +214,21 @@ def mismatch_note(cfg, scalars: dict[str, float]) -> str | None:
         return None
     _NOTED.add((paths, note))
     return note
+
+
+def write_training_record(cfg, out_dir) -> None:
+    """`OUT_DIR/training.json` for `mambamia export`: the stage, its data sources and the answer
+    forms they teach (null when the shards are gone), so that `mambamia eval` can say when its
+    scoring asks for a form the model was never taught."""
+    import json
+    from pathlib import Path
+
+    from trainer.evaluate import write_atomic
+
+    try:
+        forms = sorted(training_forms(tuple(s.path for s in cfg.data.sources if s.weight > 0)))
+    except (OSError, ValueError):  # the training shards were moved or deleted since
+        forms = None
+    record = {"stage": cfg.stage, "sources": [{"path": s.path, "weight": s.weight} for s in cfg.data.sources],
+              "answer_forms": forms}
+    write_atomic(Path(out_dir) / "training.json", json.dumps(record, indent=1) + "\n")
