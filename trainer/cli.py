@@ -6,6 +6,7 @@
     mambamia export    a run's checkpoint -> consolidated HF-style folder
     mambamia eval      score an exported model on multiple-choice / open-ended shards
     mambamia demo      the laptop-sized end-to-end run (synthetic videos, tiny models)
+    mambamia tiny      a tiny-model workspace for your own videos, and the whole path through it
 
 Each subcommand lives in its own module and parses its own arguments, so `mambamia X --help`
 explains X fully. Imports are lazy: `mambamia convert` never imports DeepSpeed.
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("trainer.export:main", "RUN_DIR OUT_DIR: consolidated folder loadable without DeepSpeed"),
     "eval": ("trainer.evaluate:main", "EXPORT_DIR SHARDS: multiple-choice accuracy / open-ended answers"),
     "demo": ("trainer.demo:main", "end-to-end run on synthetic videos with tiny local models"),
+    "tiny": ("trainer.workspace:main", "WS [--videos V --train A --test B]: your videos through tiny models"),
 }
 
 

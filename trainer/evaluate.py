@@ -592,6 +592,14 @@ def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
 
 def main(argv: list[str]) -> int:
     args = _parse_args(argv)
+    try:
+        return _run(args)
+    except (MalformedItem, FileNotFoundError) as err:  # bad input: one line naming where and what
+        print(f"mambamia eval: {err}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.world_size is None and env_world > 1:
         # under torchrun: every rank scores its share, rank 0 gathers and writes

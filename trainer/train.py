@@ -271,9 +271,10 @@ def run(cfg: RunConfig) -> int:
             every = cfg.validation.every_steps
             if cfg.validation.sources and (step == total_steps or (every and step % every == 0)):
                 val = validation_loss(engine, cfg, model.tokenizer, info, dtype)
-                metrics.log(step, val)
-                metrics.write(f"[train] step {step}: validation " + ", ".join(
-                    f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
+                if val:
+                    metrics.log(step, val)
+                    metrics.write(f"[train] step {step}: validation " + ", ".join(
+                        f"{k.removeprefix('val/')} {v:.4f}" for k, v in val.items()))
             every = cfg.checkpoint.every_steps
             if step == total_steps or (every and step % every == 0):
                 save(ckpt, engine, step, loader, cfg, nonfinite)

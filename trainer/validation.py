@@ -158,8 +158,8 @@ def _run_batch(engine, mine: list[_Sample], samples: list[_Sample], reader: Shar
 @torch.no_grad()
 def validation_scalars(engine, cfg, tokenizer, rank: int, world_size: int, device: torch.device,
                        dtype: torch.dtype) -> dict[str, float]:
-    """{"val/loss", "val/loss_open", "val/loss_mc"} (a form without held-out samples is left out);
-    a collective: every rank calls it."""
+    """{"val/loss", "val/loss_open", "val/loss_mc"} (a form without held-out samples is left out;
+    {} when no held-out sample has an answer); a collective: every rank calls it."""
     trained = training_forms(tuple(s.path for s in cfg.data.sources if s.weight > 0))
     batch_size = cfg.data.batch_size
     limit = cfg.validation.max_batches * batch_size * world_size if cfg.validation.max_batches else None
@@ -170,9 +170,8 @@ def validation_scalars(engine, cfg, tokenizer, rank: int, world_size: int, devic
     totals = torch.zeros(len(FORMS), 2, dtype=torch.float64, device=device)
     try:
         samples = held_out_samples(cfg, tokenizer, reader, limit)
-        if not samples:
-            raise ValueError(f"validation.sources: no usable held-out sample in "
-                             f"{[s.path for s in cfg.validation.sources]}")
+        if not samples:  # e.g. a benchmark whose answers are hidden: nothing to validate against
+            return {}
         engine.eval()
         for mine in _my_batches(samples, rank, world_size, batch_size):
             for form, loss in _run_batch(engine, mine, samples, reader, cfg, pad_id, device, dtype):
@@ -203,13 +202,17 @@ def mismatch_note(cfg, scalars: dict[str, float]) -> str | None:
     paths = tuple(s.path for s in cfg.data.sources if s.weight > 0)
     trained = training_forms(paths)
     untaught = [f for f in FORMS if f"val/loss_{f}" in scalars and f not in trained]
-    if not untaught:
+    if not scalars:
+        note = ("validation: the held-out sources hold no answered sample (a conversation, or a "
+                "multiple-choice item with its answer): no validation loss")
+    elif not untaught:
         return None
-    left_out = any(f"val/loss_{f}" in scalars for f in trained)
-    note = (f"validation: the training mixture teaches {sorted(trained) or 'no'} answers; "
-            + ", ".join(f"val/loss_{f}" for f in untaught) + " scores a form training never asked for "
-            f"({'; '.join(FORM_WORDS[f] for f in untaught)}), "
-            + ("left out of val/loss" if left_out else "and val/loss is all there is to average: read it with care"))
+    else:
+        left_out = any(f"val/loss_{f}" in scalars for f in trained)
+        note = (f"validation: the training mixture teaches {sorted(trained) or 'no'} answers; "
+                + ", ".join(f"val/loss_{f}" for f in untaught) + " scores a form training never asked for "
+                f"({'; '.join(FORM_WORDS[f] for f in untaught)}), "
+                + ("left out of val/loss" if left_out else "and val/loss is all there is to average: read it with care"))
     if (paths, note) in _NOTED:
         return None
     _NOTED.add((paths, note))
