@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
+VERIFY_INDEX = ("none", "counts", "sha256")
 
 
 @dataclass(kw_only=True)
@@ -56,6 +57,12 @@ class DataConfig:
     """Expected patches per frame (P); None accepts whatever the first record of a batch has."""
     feature_dim: int | None = None
     """Expected feature width (D); None accepts whatever the first record of a batch has."""
+    verify_index: str = "counts"
+    """How far each source's index.json is checked against its shards before training (a
+    mismatch is a one-line error, data/dataset.py): "none" (names, duplicates, existence, from the
+    index alone), "counts" (also every shard's tar headers: sample counts, compressed or cut
+    shards; the scan is reused for reading) or "sha256" (also every byte against its checksum:
+    a full read, `data.verify_index=sha256` when the data may have changed since conversion)."""
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in self.sources]
@@ -79,6 +86,8 @@ class DataConfig:
         if self.features_dtype not in FEATURE_DTYPES:
             raise ValueError(f"data.features_dtype: expected one of {FEATURE_DTYPES}, "
                              f"got {self.features_dtype!r}")
+        if self.verify_index not in VERIFY_INDEX:
+            raise ValueError(f"data.verify_index: expected one of {VERIFY_INDEX}, got {self.verify_index!r}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch: expected >= 1, got {self.samples_per_epoch}")
 

@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.collate import (DTYPES, BufferPool, FeatureRing, PreparedSample, collate, shared_empty,
                           uniform_frame_indices)
 from data.config import DataConfig, DataSource
+from data.dataset import DatasetError, open_dataset
 from data.records import BadRecord, ShardReader
 from data.text import record_conversations, tokenize_conversation
 
@@ -70,31 +71,18 @@ _SMALL = ("input_ids", "attention_mask", "labels", "frame_mask", "timestamps")
 
 
 class Source:
-    """One dataset folder: its shards in index order and their sample counts."""
+    """One dataset folder: its shards in index order and their sample counts, the index checked
+    against the shards as `verify` says (data/dataset.py; DatasetError when it does not hold)."""
 
-    def __init__(self, path: str, weight: float):
+    def __init__(self, path: str, weight: float, verify: str = "counts"):
         self.path, self.weight = str(path), float(weight)
-        index_path = Path(path) / "index.json"
-        try:
-            index = json.loads(index_path.read_text())
-            shards = index["shards"]
-            self.shards = [str(Path(path) / s["name"]) for s in shards]
-            counts = [int(s["samples"]) for s in shards]
-            sizes = [int(s["bytes"]) for s in shards]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{index_path}: no index.json (run `mambamia convert --merge-only`)") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{index_path}: expected {{'shards': [{{'name', 'samples', 'bytes'}}]}} ({e!r})") from None
-        for shard, size in zip(self.shards, sizes):
-            if not os.path.exists(shard):
-                raise FileNotFoundError(f"{index_path}: shard {shard} listed but missing")
-            if os.path.getsize(shard) != size:
-                log.warning("%s: %d bytes, index.json says %d; bad records will be skipped and counted",
-                            shard, os.path.getsize(shard), size)
-        self.ends = np.cumsum(counts)
-        self.size = int(self.ends[-1]) if counts else 0
+        dataset = open_dataset(path, verify=verify)
+        self.shards = [s.path for s in dataset.shards]
+        self.tables = dataset.tables  # scanned once here, inherited by the forked workers
+        self.ends = np.cumsum([s.samples for s in dataset.shards])
+        self.size = int(self.ends[-1]) if len(self.ends) else 0
         if self.size == 0:
-            raise ValueError(f"{index_path}: no samples")
+            raise DatasetError(f"{Path(path) / 'index.json'}: no samples")
 
     def locate(self, index: int) -> tuple[str, int]:
         shard = int(np.searchsorted(self.ends, index, side="right"))
@@ -187,7 +175,8 @@ class _BatchStream(IterableDataset):
             self.plan = self.spec.plan(epoch)
         cfg = self.spec.config
         reader = ShardReader(num_patches=cfg.num_patches, feature_dim=cfg.feature_dim,
-                             check_finite=cfg.check_finite)
+                             check_finite=cfg.check_finite,
+                             tables={p: t for s in self.spec.sources for p, t in s.tables.items()})
         try:
             for count, b in enumerate(range(worker, num_batches, workers)):
                 if info is None:
@@ -298,7 +287,8 @@ class VideoLoader:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rank, self.world_size = rank, world_size
-        self.sources = [Source(s.path, s.weight) for s in self.config.sources if s.weight > 0]
+        self.sources = [Source(s.path, s.weight, self.config.verify_index)
+                        for s in self.config.sources if s.weight > 0]
         self.samples_per_epoch = self.config.samples_per_epoch or sum(s.size for s in self.sources)
         self.epoch, self.offset = 0, 0
         self.seen: Counter = Counter()
@@ -367,7 +357,8 @@ class VideoLoader:
             # One bad record (seen once per epoch) is never a reason to stop, whatever the
             # fraction in a small source.
             several = len(self._bad_records.get(src, ())) > 1
-            if several and (self.seen[src] >= cfg.bad_check_after or epoch_done) and bad > cfg.bad_fraction_limit * self.seen[src]:
+            checked = self.seen[src] >= cfg.bad_check_after or epoch_done
+            if several and checked and bad > cfg.bad_fraction_limit * self.seen[src]:
                 raise RuntimeError(f"data source {src}: {bad} of {self.seen[src]} records bad "
                                    f"{self.bad_counts_by_source[src]}, above data.bad_fraction_limit="
                                    f"{cfg.bad_fraction_limit}")
@@ -425,7 +416,7 @@ class VideoLoader:
         cfg = self.config
         patches, dim = cfg.num_patches, cfg.feature_dim
         if patches is None or dim is None:
-            reader = ShardReader(check_finite=False)
+            reader = ShardReader(check_finite=False, tables={p: t for s in self.sources for p, t in s.tables.items()})
             for position in range(min(plan.length, 16)):
                 s, index, _ = plan.item(position)
                 try:

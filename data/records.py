@@ -21,13 +21,13 @@ import json
 import math
 import os
 import re
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from data.shards import Member, ShardTable, scan_shard
 
 FEATURES_MEMBER = "features.npy"
 META_MEMBER = "json"
@@ -38,8 +38,7 @@ the top level (a turn that is not an object, a qa item without its question, ...
 MAX_META_BYTES = 16 << 20
 """A record's JSON is a few KB; a larger member is refused before it is read."""
 _NPY_HEAD_PROBE = 4096
-_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
-                      (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
+
 _READ_PIECE = 1 << 20  # even, so pieces split no float16
 
 
@@ -58,86 +57,6 @@ class BadRecord(Exception):
     def line(self) -> str:
         """One line for logs and error messages: shard, key, reason and what is wrong."""
         return f"{self.where}: {self.reason}: {self.detail}"
-
-
-@dataclass(frozen=True)
-class Member:
-    offset: int
-    size: int
-
-
-@dataclass
-class ShardTable:
-    path: str
-    file_size: int
-    records: list[tuple[str, dict[str, Member]]]
-    """(key, {extension: member}) in tar order; the i-th record of the index is records[i]."""
-    problem: str | None = None
-    """Why the tar is not complete (cut short, damaged header, compressed); None when it ends with
-    its end-of-archive blocks after intact members."""
-    unreadable: bool = False
-    """Not a plain tar at all (compressed, or no tar header): no record can be read from it."""
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """webdataset's grouping rule: key = path up to the first dot of the basename."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1:]
-
-
-def compression_of(magic: bytes) -> str | None:
-    """The compressor whose magic number starts `magic`, or None."""
-    return next((name for sig, name in _COMPRESSION_MAGIC if magic.startswith(sig)), None)
-
-
-def scan_shard(path: str | Path) -> ShardTable:
-    """Member offsets of a shard, and whether it is complete.
-
-    A tar cut short or damaged ends the table where its headers stop (what came before is still
-    usable) and sets `problem`; a compressed file is refused from its magic number, unread.
-    """
-    path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        kind = compression_of(f.read(8))
-        if kind is not None:
-            return ShardTable(path, size, [], f"compressed ({kind}); expected a plain tar", unreadable=True)
-        f.seek(0)
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
-            return ShardTable(path, size, [], f"not a tar ({e})", unreadable=True)
-        with tar:
-            records, problem = _scan_members(tar, f, size)
-    return ShardTable(path=path, file_size=size, records=records, problem=problem)
-
-
-def _scan_members(tar: tarfile.TarFile, f, size: int) -> tuple[list[tuple[str, dict[str, Member]]], str | None]:
-    records: list[tuple[str, dict[str, Member]]] = []
-    problem = None
-    while True:
-        try:
-            info = tar.next()
-        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
-            return records, problem or f"damaged or cut short after byte {tar.offset} ({e})"
-        if info is None:
-            # tarfile stops silently at a zero block, a garbled header or the end of the file:
-            # only the two zero blocks tar writes at the end mean the archive is whole.
-            f.seek(tar.offset)
-            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
-                problem = problem or f"no end-of-archive blocks at byte {tar.offset} (cut short or damaged)"
-            return records, problem
-        if not info.isfile() or info.issparse():
-            continue
-        if info.offset_data + info.size > size:
-            problem = problem or f"member {info.name} is cut short"
-        key, ext = split_member_name(info.name)
-        if not records or records[-1][0] != key:
-            records.append((key, {}))
-        records[-1][1][ext] = Member(offset=info.offset_data, size=info.size)
 
 
 @dataclass
@@ -331,12 +250,12 @@ class ShardReader:
     """Reads record heads and feature frames; caches shard tables and open files per process."""
 
     def __init__(self, *, num_patches: int | None = None, feature_dim: int | None = None,
-                 check_finite: bool = True, max_open: int = 32):
+                 check_finite: bool = True, max_open: int = 32, tables: dict[str, ShardTable] | None = None):
         self.num_patches = num_patches
         self.feature_dim = feature_dim
         self.check_finite = check_finite
         self.max_open = max_open
-        self._tables: dict[str, ShardTable] = {}
+        self._tables: dict[str, ShardTable] = dict(tables or {})  # scanned already (data.dataset)
         self._stage = np.empty(_READ_PIECE // 2, dtype=np.uint16)  # pieces bound for other dtypes
         self._fds: OrderedDict[str, int] = OrderedDict()
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 TEMP_SUFFIX = ".partial"
+DAMAGED_SUFFIX = ".damaged"
 FEATURES_EXT = "features.npy"
 META_EXT = "json"
 
@@ -36,6 +40,8 @@ META_EXT = "json"
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-r(?P<rank>\d{5})-(?P<n>\d{6})\.tar$")
 _TAR_BLOCK = 512
+_COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                      (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x04\x22\x4d\x18", "lz4"))
 
 
 def shard_name(prefix: str, rank: int, n: int) -> str:
@@ -64,15 +70,99 @@ def completed_shards(out_dir: str | Path, *, prefix: str | None = None,
     return found
 
 
+@dataclass(frozen=True)
+class Member:
+    offset: int
+    size: int
+
+
+@dataclass
+class ShardTable:
+    path: str
+    file_size: int
+    records: list[tuple[str, dict[str, Member]]]
+    """(key, {extension: member}) in tar order; the i-th record of the index is records[i]."""
+    problem: str | None = None
+    """Why the tar is not complete (cut short, damaged header, compressed); None when it ends with
+    its end-of-archive blocks after intact members."""
+    unreadable: bool = False
+    """Not a plain tar at all (compressed, or no tar header): no record can be read from it."""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset's grouping rule: key = path up to the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def compression_of(magic: bytes) -> str | None:
+    """The compressor whose magic number starts `magic`, or None."""
+    return next((name for sig, name in _COMPRESSION_MAGIC if magic.startswith(sig)), None)
+
+
+def scan_shard(path: str | Path) -> ShardTable:
+    """Member offsets of a shard, and whether it is complete.
+
+    A tar cut short or damaged ends the table where its headers stop (what came before is still
+    usable) and sets `problem`; a compressed file is refused from its magic number, unread.
+    """
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        kind = compression_of(f.read(8))
+        if kind is not None:
+            return ShardTable(path, size, [], f"compressed ({kind}); expected a plain tar", unreadable=True)
+        f.seek(0)
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
+            return ShardTable(path, size, [], f"not a tar ({e})", unreadable=True)
+        with tar:
+            records, problem = _scan_members(tar, f, size)
+    return ShardTable(path=path, file_size=size, records=records, problem=problem)
+
+
+def _scan_members(tar: tarfile.TarFile, f, size: int) -> tuple[list[tuple[str, dict[str, Member]]], str | None]:
+    records: list[tuple[str, dict[str, Member]]] = []
+    problem = None
+    while True:
+        try:
+            info = tar.next()
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
+            return records, problem or f"damaged or cut short after byte {tar.offset} ({e})"
+        if info is None:
+            # tarfile stops silently at a zero block, a garbled header or the end of the file:
+            # only the two zero blocks tar writes at the end mean the archive is whole.
+            f.seek(tar.offset)
+            if f.read(2 * tarfile.BLOCKSIZE) != bytes(2 * tarfile.BLOCKSIZE):
+                problem = problem or f"no end-of-archive blocks at byte {tar.offset} (cut short or damaged)"
+            return records, problem
+        if not info.isfile() or info.issparse():
+            continue
+        if info.offset_data + info.size > size:
+            problem = problem or f"member {info.name} is cut short"
+        key, ext = split_member_name(info.name)
+        if not records or records[-1][0] != key:
+            records.append((key, {}))
+        records[-1][1][ext] = Member(offset=info.offset_data, size=info.size)
+
+
+def shard_problem(table: ShardTable) -> str | None:
+    """Why a shard is not a complete one (as ShardWriter finishes them), or None."""
+    if table.problem is not None:
+        return table.problem
+    for key, members in table.records:
+        if set(members) != {FEATURES_EXT, META_EXT}:
+            return f"record {key!r} has members {sorted(members)}, expected {[FEATURES_EXT, META_EXT]}"
+    return None
+
+
 def shard_keys(path: str | Path) -> list[str]:
     """Sample keys of a shard in order, read from the tar headers only (data blocks are skipped)."""
-    keys: list[str] = []
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            key = member.name.split(".", 1)[0]
-            if not keys or keys[-1] != key:
-                keys.append(key)
-    return keys
+    return [key for key, _ in scan_shard(path).records]
 
 
 def _tar_member_bytes(payload_size: int) -> int:
@@ -85,6 +175,15 @@ def _tar_file_bytes(members_bytes: int) -> int:
     return -(-(members_bytes + 2 * _TAR_BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
+def _member(name: str, payload: bytes) -> bytes:
+    """One ustar member as tarfile writes it: header block, data, zero padding to a block."""
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o644
+    info.mtime = 0  # identical inputs give byte-identical shards (and checksums)
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape") + payload + bytes(-len(payload) % _TAR_BLOCK)
+
+
 def encode_features(features: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(features), allow_pickle=False)
@@ -95,9 +194,11 @@ class ShardWriter:
     """Writes records into size-bounded tar shards for one rank; resumable after a kill.
 
     On entry, stale temporary shards of this (prefix, rank) are removed and the keys of its complete
-    shards are collected in `done_keys`; new shards continue the numbering after the last complete
-    one. On a clean exit the open shard is completed; on an exception it is discarded (a rerun
-    rewrites it), which keeps "complete shard" equivalent to "renamed file".
+    shards are collected in `done_keys` (a complete shard found damaged is renamed aside and its
+    videos redone); new shards continue the numbering after the last complete one. A record goes
+    to the file in one write, undone (truncated) if that write fails, so the open shard only ever
+    holds whole records: on exit, clean or by an exception, it is completed and renamed, and the
+    work in it is kept. Only a kill leaves a temporary shard, which the rerun rewrites.
     """
 
     def __init__(self, out_dir: str | Path, *, prefix: str = "shard", rank: int = 0,
@@ -116,10 +217,10 @@ class ShardWriter:
         self.max_bytes = max_bytes
         self.done_keys: set[str] = set()
         self.written: list[Path] = []  # shards completed by this writer (not earlier runs)
+        self.set_aside: list[Path] = []  # damaged complete shards renamed on entry
         self.samples_written = 0
         self.bytes_written = 0
         self._next_n = 0
-        self._tar: tarfile.TarFile | None = None
         self._file = None
         self._tmp_path: Path | None = None
         self._count = 0
@@ -132,14 +233,29 @@ class ShardWriter:
         for stale in self.out_dir.glob(pattern):
             stale.unlink()
         for path in completed_shards(self.out_dir, prefix=self.prefix, rank=self.rank):
-            self.done_keys.update(shard_keys(path))
             self._next_n = max(self._next_n, int(_SHARD_RE.match(path.name)["n"]) + 1)
+            table = scan_shard(path)
+            problem = shard_problem(table)
+            if problem is not None:
+                # Damaged after it was completed (a disk, a copy cut short): its records are not
+                # done. Set it aside, never delete it, and convert its videos again.
+                aside = path.with_name(path.name + DAMAGED_SUFFIX)
+                os.replace(path, aside)
+                self.set_aside.append(aside)
+                log.warning("%s: %s; renamed to %s, its videos will be converted again", path, problem, aside.name)
+                continue
+            self.done_keys.update(key for key, _ in table.records)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self._finish_shard()
-        else:
+            return
+        try:  # keep what was converted before the error: the open shard holds whole records
+            self._finish_shard()
+        except OSError as err:  # e.g. the disk is full: nothing sound to keep
+            log.warning("%s: could not complete the open shard after an error (%s); discarded",
+                        self._tmp_path, err)
             self._abort_shard()
 
     def write(self, key: str, features: np.ndarray, meta: dict) -> None:
@@ -155,38 +271,37 @@ class ShardWriter:
         npy = encode_features(features)
         meta_bytes = json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
         record_bytes = _tar_member_bytes(len(npy)) + _tar_member_bytes(len(meta_bytes))
-        if self._tar is not None and self._count and _tar_file_bytes(self._size + record_bytes) > self.max_bytes:
+        if self._file is not None and self._count and _tar_file_bytes(self._size + record_bytes) > self.max_bytes:
             self._finish_shard()
-        if self._tar is None:
+        if self._file is None:
             self._open_shard()
-        self._add(f"{key}.{FEATURES_EXT}", npy)
-        self._add(f"{key}.{META_EXT}", meta_bytes)
+        record = _member(f"{key}.{FEATURES_EXT}", npy) + _member(f"{key}.{META_EXT}", meta_bytes)
+        start = self._file.tell()
+        try:
+            self._file.write(record)
+        except BaseException:
+            self._file.truncate(start)  # the shard ends after its last whole record again
+            self._file.seek(start)
+            raise
         self._keys_in_open.add(key)
         self._count += 1
         self._size += record_bytes
         if self._count >= self.max_samples:
             self._finish_shard()
 
-    def _add(self, name: str, payload: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(payload)
-        info.mode = 0o644
-        info.mtime = 0  # identical inputs give byte-identical shards (and checksums)
-        self._tar.addfile(info, io.BytesIO(payload))
-
     def _open_shard(self) -> None:
         final = self.out_dir / shard_name(self.prefix, self.rank, self._next_n)
         self._tmp_path = final.with_name(final.name + TEMP_SUFFIX)
         self._file = open(self._tmp_path, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         self._size = 0
         self._keys_in_open = set()
 
     def _finish_shard(self) -> None:
-        if self._tar is None:
+        if self._file is None:
             return
-        self._tar.close()  # writes the end-of-archive blocks
+        end = self._file.tell()
+        self._file.write(bytes(_tar_file_bytes(end) - end))  # the two zero end blocks + padding
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -197,14 +312,14 @@ class ShardWriter:
         self.samples_written += self._count
         self.bytes_written += final.stat().st_size
         self._next_n += 1
-        self._tar = self._file = self._tmp_path = None
+        self._file = self._tmp_path = None
 
     def _abort_shard(self) -> None:
-        if self._tar is None:
+        if self._file is None:
             return
         self._file.close()
         self._tmp_path.unlink(missing_ok=True)
-        self._tar = self._file = self._tmp_path = None
+        self._file = self._tmp_path = None
 
 
 def _sha256(path: Path) -> str:
@@ -233,7 +348,13 @@ def write_index(out_dir: str | Path, *, progress: bool = False) -> dict:
 
         paths = tqdm(paths, desc="index shards", unit="shard")
     for path in paths:
-        keys = shard_keys(path)
+        table = scan_shard(path)
+        problem = shard_problem(table)
+        if problem is not None:
+            raise RuntimeError(f"{path}: {problem}; not indexed. Rerun the convert rank that wrote it "
+                               f"(it sets the shard aside as {path.name}{DAMAGED_SUFFIX} and converts "
+                               "its videos again), then merge")
+        keys = [key for key, _ in table.records]
         for key in keys:
             if key in seen:
                 raise RuntimeError(f"{out_dir}: key {key!r} is in both {seen[key]} and {path.name}")

@@ -401,3 +401,54 @@ def test_one_malformed_record_is_skipped_named_and_counted(tmp_path, tok, caplog
     named = [r.getMessage() for r in caplog.records if "k3" in r.getMessage()]
     assert len(named) == 1 and "shard-r00000-000000.tar" in named[0] and "schema" in named[0]
     assert _keys(_run(loader)) != []  # the next epoch too
+
+
+def _edit_index(folder, edit):
+    index = json.loads((folder / "index.json").read_text())
+    edit(index)
+    try:  # the index stays self-consistent: only its agreement with the shards is at stake
+        index["total_samples"] = sum(s["samples"] for s in index["shards"])
+    except TypeError:
+        pass
+    (folder / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda ix: ix["shards"][0].update(samples=ix["shards"][0]["samples"] - 1), "holds 3 records, the index says 2"),
+    (lambda ix: ix["shards"].append(dict(ix["shards"][0])), "listed twice"),
+    (lambda ix: ix["shards"][0].update(name="/etc/passwd"), "no absolute path"),
+    (lambda ix: ix["shards"][0].update(name="../outside/shard.tar"), r"no '\.\.'"),
+    (lambda ix: ix["shards"][0].update(samples="3"), "expected integers"),
+    (lambda ix: ix.update(shards={"name": "x"}), "expected {'shards'"),
+], ids=["count-below-tar", "listed-twice", "absolute", "escaping", "string-count", "not-a-list"])
+def test_index_is_verified_against_the_shards(tmp_path, tok, edit, match):
+    """index.json describing something other than its shards is a one-line error before training
+    (issue 18.5), naming index.json; today the loader trained part of the data or twice over."""
+    from data.dataset import DatasetError
+
+    _write_dataset(tmp_path, "x", [(6, 3)])
+    _edit_index(tmp_path, edit)
+    with pytest.raises(DatasetError, match=match) as err:
+        VideoLoader([tmp_path], tok, batch_size=2, num_workers=0)
+    assert "index.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_index_checksums_and_compressed_shards(tmp_path, tok):
+    """A shard changed after indexing (same size, same records) is caught by
+    data.verify_index=sha256, not by the default header scan; a compressed shard by the scan."""
+    import gzip
+
+    from data.dataset import DatasetError
+
+    _write_dataset(tmp_path, "x", [(4, 2)])
+    shard = tmp_path / json.loads((tmp_path / "index.json").read_text())["shards"][0]["name"]
+    raw = bytearray(shard.read_bytes())
+    raw[raw.index(b'"number 0"') + 8] = ord("9")  # a changed answer: same length, same tar layout
+    shard.write_bytes(bytes(raw))
+    assert len(_run(VideoLoader([tmp_path], tok, batch_size=2, num_workers=0))) == 2
+    with pytest.raises(DatasetError, match="differs from its sha256"):
+        VideoLoader([tmp_path], tok, batch_size=2, num_workers=0, verify_index="sha256")
+    shard.write_bytes(gzip.compress(bytes(raw)))
+    _edit_index(tmp_path, lambda ix: ix["shards"][0].update(bytes=shard.stat().st_size))
+    with pytest.raises(DatasetError, match=r"compressed \(gzip\)"):
+        VideoLoader([tmp_path], tok, batch_size=2, num_workers=0)

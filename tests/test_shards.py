@@ -86,28 +86,73 @@ def test_rollover_index_and_stock_readers(tmp_path):
 
 def test_rerun_skips_complete_and_rewrites_partial(tmp_path):
     records = _records(5)
-    # First run "killed" while its second shard was open: the exception path discards that shard,
-    # and a SIGKILL leaves its temporary file behind, simulated here by planting one.
+    # First run stopped by an exception while its second shard was open: that shard is completed
+    # with the records it holds (issue 18.6: work is kept); a SIGKILL leaves a temporary file
+    # behind, simulated here by planting one.
     with pytest.raises(KeyboardInterrupt):
         with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
             for i, (key, feats, meta) in enumerate(records):
                 if i == 3:
                     raise KeyboardInterrupt
                 w.write(key, feats, meta)
-    assert [p.name for p in completed_shards(tmp_path)] == ["shard-r00000-000000.tar"]
-    (tmp_path / "shard-r00000-000001.tar.partial").write_bytes(b"half a tar")
+    assert [shard_keys(p) for p in completed_shards(tmp_path)] == [["vid_000", "vid_001"], ["vid_002"]]
+    (tmp_path / "shard-r00000-000002.tar.partial").write_bytes(b"half a tar")
     first = (tmp_path / "shard-r00000-000000.tar").read_bytes()
 
     with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
-        assert w.done_keys == {"vid_000", "vid_001"}
-        assert not (tmp_path / "shard-r00000-000001.tar.partial").exists()
+        assert w.done_keys == {"vid_000", "vid_001", "vid_002"}
+        assert not (tmp_path / "shard-r00000-000002.tar.partial").exists()
         for key, feats, meta in records:
             if key not in w.done_keys:
                 w.write(key, feats, meta)
     assert (tmp_path / "shard-r00000-000000.tar").read_bytes() == first
     assert [shard_keys(p) for p in completed_shards(tmp_path)] == [
-        ["vid_000", "vid_001"], ["vid_002", "vid_003"], ["vid_004"]]
+        ["vid_000", "vid_001"], ["vid_002"], ["vid_003", "vid_004"]]
     assert write_index(tmp_path)["total_samples"] == 5
+
+
+def test_failed_write_keeps_the_records_before_it(tmp_path, monkeypatch):
+    """A write that fails half way (disk full) is undone, and the shard is completed with the
+    whole records before it (issue 18.6), readable by the stock tarfile and indexed."""
+    records = _records(3)
+    with pytest.raises(OSError):
+        with ShardWriter(tmp_path, rank=0, max_samples=10) as w:
+            for i, (key, feats, meta) in enumerate(records):
+                if i == 2:  # the third record's write stops after 700 bytes, once
+                    real = w._file.write
+                    monkeypatch.setattr(w._file, "write", lambda data: _half_then_enospc(real, data, monkeypatch, w._file))
+                w.write(key, feats, meta)
+    (shard,) = completed_shards(tmp_path)
+    assert _read_tar(shard).keys() == {"vid_000", "vid_001"}
+    assert write_index(tmp_path)["total_samples"] == 2
+
+
+def _half_then_enospc(real_write, data, monkeypatch, file):
+    real_write(data[:700])
+    monkeypatch.setattr(file, "write", real_write)
+    raise OSError(28, "No space left on device")
+
+
+def test_damaged_complete_shard_is_set_aside_and_redone(tmp_path):
+    """A complete shard cut short afterwards (issue 18.5): merge refuses to index it with a fresh
+    checksum, and the rerun renames it aside and converts its records again."""
+    records = _records(4)
+    with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
+        for key, feats, meta in records:
+            w.write(key, feats, meta)
+    second = tmp_path / "shard-r00000-000001.tar"
+    raw = second.read_bytes()
+    second.write_bytes(raw[:1500])  # inside its second record
+    with pytest.raises(RuntimeError, match="shard-r00000-000001.tar: .*not indexed"):
+        write_index(tmp_path)
+    assert not (tmp_path / "index.json").exists()
+    with ShardWriter(tmp_path, rank=0, max_samples=2) as w:
+        assert w.done_keys == {"vid_000", "vid_001"}
+        for key, feats, meta in records:
+            if key not in w.done_keys:
+                w.write(key, feats, meta)
+    assert (tmp_path / "shard-r00000-000001.tar.damaged").read_bytes() == raw[:1500]
+    assert write_index(tmp_path)["total_samples"] == 4
 
 
 def test_max_bytes_and_ranks_share_a_folder(tmp_path):
