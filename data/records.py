@@ -55,8 +55,8 @@ class BadRecord(Exception):
         return f"{self.shard or '?'}: record {self.key!r}" if self.key is not None else str(self.shard or "?")
 
     def line(self) -> str:
-        """One line for logs and error messages: shard, key, reason and what is wrong."""
-        return f"{self.where}: {self.reason}: {self.detail}"
+        """One line for logs and error messages: shard, key, what is wrong, and the reason."""
+        return f"{self.where}: {self.detail} ({self.reason})"
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _parse_meta(raw: bytes, key: str) -> dict:
     try:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRecord("json", f"{key}.json is not JSON ({e})") from None
+        raise BadRecord("json", f"{key}.json is not valid JSON ({e})") from None
     except RecursionError:
         raise BadRecord("json", f"{key}.json is nested too deeply") from None
     if not isinstance(meta, dict):
@@ -98,7 +98,7 @@ def _parse_meta(raw: bytes, key: str) -> dict:
         raise BadRecord("missing_field", f"{key}.json: neither 'conversations' nor 'qa'")
     problem = check_meta(meta)
     if problem is not None:
-        raise BadRecord("schema", f"{key}.json {problem}")
+        raise BadRecord("schema", problem)
     return meta
 
 
@@ -121,23 +121,24 @@ def check_turn(turn) -> str | None:
 
 
 def check_qa_item(item) -> str | None:
-    """What is wrong with one multiple-choice item (the form `mambamia convert` writes), or None."""
+    """What is wrong with one multiple-choice item (the form `mambamia convert` writes), or None:
+    "field 'answer': expected ..."."""
     if not isinstance(item, dict):
         return f"expected an object, got {type(item).__name__}"
     if not _is_text(item.get("question")):
-        return "'question': expected a non-empty string"
+        return "field 'question': expected a non-empty string"
     options = item.get("options")
     if not isinstance(options, list) or not 2 <= len(options) <= 26 or not all(isinstance(o, str) for o in options):
-        return "'options': expected a list of 2 to 26 strings"
+        return "field 'options': expected a list of 2 to 26 strings"
     answer = item.get("answer")
     if answer is not None and not (isinstance(answer, int) and not isinstance(answer, bool)
                                    and 0 <= answer < len(options)):
-        return f"'answer': expected null or an index below {len(options)}"
+        return f"field 'answer': expected null or an index below {len(options)}, got {str(answer)[:40]!r}"
     if item.get("id") is not None and not isinstance(item["id"], (str, int)):
-        return "'id': expected a string"
+        return "field 'id': expected a string"
     for name in ("type", "duration_bucket", "time_reference"):
         if item.get(name) is not None and not isinstance(item[name], str):
-            return f"{name!r}: expected a string or null"
+            return f"field {name!r}: expected a string or null"
     return None
 
 
@@ -147,15 +148,17 @@ def check_meta(meta: dict) -> str | None:
     means nothing downstream meets a type it did not expect."""
     for i, conv in enumerate(meta.get("conversations", [])):
         if not isinstance(conv, list):
-            return f"'conversations'[{i}]: expected a list of turns, got {type(conv).__name__}"
+            return f"conversation {i}: expected a list of turns, got {type(conv).__name__}"
         for j, turn in enumerate(conv):
             problem = check_turn(turn)
             if problem is not None:
-                return f"'conversations'[{i}][{j}]: {problem}"
+                return f"conversation {i} turn {j}: {problem}"
     for i, item in enumerate(meta.get("qa", [])):
         problem = check_qa_item(item)
         if problem is not None:
-            return f"'qa'[{i}]: {problem}"
+            item_id = item.get("id") if isinstance(item, dict) else None
+            name = repr(str(item_id)[:80]) if isinstance(item_id, (str, int)) else f"#{i}"
+            return f"qa item {name} {problem}"
     return None
 
 

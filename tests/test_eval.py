@@ -59,7 +59,7 @@ TOKENS = {"lvb_v1": 100, "lvb_v2": 300, "mlvu_v1": 50, "mlvu_v2": 70, "vmme_v1":
 def write_dataset(folder, videos: dict, *, extra_meta=None):
     with ShardWriter(folder, max_samples=2) as writer:
         for key, items in videos.items():
-            meta = {"key": key, "video_id": key, "duration": 60.0, "fps": 1.0, "qa": items,
+            meta = {"key": key, "video_id": key, "duration": 60.0, "fps": 1.0, "qa": items, "timestamps": [0.0, 30.0],
                     "conversations": [], **(extra_meta or {})}
             writer.write(key, np.full((2, 4, 8), len(key), dtype=np.float16), meta)
     write_index(folder)
@@ -246,6 +246,7 @@ def test_eval_command_on_tiny_model(tiny_assets, tmp_path):
         for key, items in videos.items():
             writer.write(key, features[key], {
                 "key": key, "duration": float(len(features[key])), "fps": 1.0, "qa": items,
+                "timestamps": [float(t) for t in range(len(features[key]))],
                 "conversations": [[{"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "red"}]]})
     write_index(tmp_path / "ds")
 
@@ -299,7 +300,8 @@ def test_unreadable_record_metadata_names_the_record(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    (folder / "index.json").write_text(json.dumps({"shards": [{"name": "shard-r00000-000000.tar"}]}))
+    shard = folder / "shard-r00000-000000.tar"
+    (folder / "index.json").write_text(json.dumps({"shards": [{"name": shard.name, "samples": 1, "bytes": shard.stat().st_size}]}))
     with pytest.raises(MalformedItem, match=r"shard-r00000-000000\.tar: record 'v1': v1\.json is not valid JSON"):
         list(iter_records(folder))
     (folder / "index.json").unlink()
@@ -392,7 +394,7 @@ def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path):
     with ShardWriter(tmp_path / "ds", max_samples=3) as writer:
         for key, items in videos.items():
             writer.write(key, features[key], {"key": key, "duration": 3.0, "fps": 1.0, "qa": items,
-                                              "conversations": []})
+                                              "conversations": [], "timestamps": [0.0, 1.0, 2.0]})
     write_index(tmp_path / "ds")
 
     out = tmp_path / "eval" / "letters.json"

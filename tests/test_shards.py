@@ -205,3 +205,89 @@ def test_all_finite_bit_test_agrees_with_numpy_on_every_float16():
             probe = base.copy()
             probe[where] = patterns[bits]
             assert all_finite(probe, chunk=4) == bool(finite[bits]), hex(bits)
+
+
+# ---------------------------------------------------------------- eval reads through data/
+
+def _qa_meta(key, frames):
+    return {"key": key, "timestamps": [float(t) for t in range(frames)], "conversations": [],
+            "qa": [{"id": f"{key}-q", "question": "Which?", "options": ["a", "b", "c"], "answer": 1}]}
+
+
+def _npy(array):
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _hand_tar(folder, records):
+    """A shard written member by member with tarfile (records may be broken on purpose) and an
+    index.json that describes it: (key, npy bytes, meta) each."""
+    folder.mkdir(exist_ok=True)
+    shard = folder / "shard-r00000-000000.tar"
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, npy, meta in records:
+            for name, payload in ((f"{key}.features.npy", npy), (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    _describe(folder, shard, len(records))
+    return shard
+
+
+def _describe(folder, shard, samples):
+    (folder / "index.json").write_text(json.dumps({"shards": [
+        {"name": shard.name, "samples": samples, "bytes": shard.stat().st_size}]}))
+
+
+def _good(key, frames=2):
+    return key, _npy(np.ones((frames, 2, 4), np.float16)), _qa_meta(key, frames)
+
+
+def _huge_header_npy():
+    """An npy whose header declares 2**42 float16 values (8 TiB) over a few bytes of data."""
+    header = "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 1048576, 2097152), }"
+    header += " " * (-(10 + len(header) + 1) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(16)
+
+
+@pytest.mark.parametrize("second, match", [
+    ((lambda: ("nan", _npy(np.full((2, 2, 4), np.nan, np.float16)), _qa_meta("nan", 2))), r"record 'nan'.*NaN or inf"),
+    ((lambda: ("i8", _npy(np.ones((2, 2, 4), np.int8)), _qa_meta("i8", 2))), r"record 'i8'.*expected float16"),
+    ((lambda: ("f64", _npy(np.ones((2, 2, 4), np.float64)), _qa_meta("f64", 2))), r"record 'f64'.*expected float16"),
+    ((lambda: ("huge", _huge_header_npy(), _qa_meta("huge", 2))), r"record 'huge'.*do not hold"),
+], ids=["nan", "int8", "float64", "8TiB-header"])
+def test_eval_refuses_what_the_loader_refuses(tmp_path, second, match):
+    """Issue 18.3: eval's records pass the loader's checks; each failure is a one-line
+    MalformedItem naming shard and record (they scored as a wrong 'A', or died on MemoryError)."""
+    from trainer.evaluate import MalformedItem, iter_records
+
+    _hand_tar(tmp_path / "ds", [_good("ok"), second()])
+    with pytest.raises(MalformedItem, match=match) as err:
+        list(iter_records(tmp_path / "ds"))
+    assert "shard-r00000-000000.tar" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_eval_refuses_compressed_and_cut_shards(tmp_path):
+    """A gzip 'tar' is refused from its magic number, never inflated; a tar cut inside its second
+    record's header stops eval naming the lost record instead of dropping it (issue 18.3)."""
+    import gzip
+
+    from trainer.evaluate import MalformedItem, iter_records
+
+    shard = _hand_tar(tmp_path / "ds", [_good("a"), _good("b", 3)])
+    raw = shard.read_bytes()
+    assert [r.key for r in iter_records(tmp_path / "ds")] == ["a", "b"]
+    shard.write_bytes(raw[: raw.index(b"b.features.npy") + 100])  # inside b's first header
+    _describe(tmp_path / "ds", shard, 2)
+    with pytest.raises(MalformedItem, match=r"record '#1'.*missing \(1 in the tar"):
+        list(iter_records(tmp_path / "ds"))
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w") as tar:
+        info = tarfile.TarInfo("z.features.npy")
+        info.size = 16 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    shard.write_bytes(gzip.compress(bomb.getvalue(), compresslevel=9))  # ~1000:1
+    _describe(tmp_path / "ds", shard, 1)
+    with pytest.raises(MalformedItem, match=r"compressed \(gzip\)"):
+        list(iter_records(tmp_path / "ds"))

@@ -34,19 +34,20 @@ Rules (they decide the numbers, so they are fixed and written down here):
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import re
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from data.dataset import DatasetError, DatasetMissing, open_dataset
+from data.dataset import iter_records as iter_dataset
+from data.records import BadRecord
 from data.text import VIDEO_TOKEN, mcq_prompt, option_letter
 
 
@@ -315,71 +316,37 @@ class Record:
     features: np.ndarray | None  # [F, P, D] float16; None for records other ranks score
 
 
-def _shard_names(shards_dir: Path) -> list[str]:
-    index_path = shards_dir / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: missing; expected a dataset folder written by `mambamia convert`")
-    index = json.loads(index_path.read_text())
-    shards = index.get("shards") if isinstance(index, dict) else None
-    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str) for s in shards):
-        raise ValueError(f"{index_path}: field 'shards': expected a list of objects with a 'name'")
-    return [s["name"] for s in shards]
-
-
-def _tar_groups(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    # webdataset's grouping rule: the key is the member path up to the first dot of its basename,
-    # and a record's members are adjacent in the tar.
-    with tarfile.open(path) as tar:
-        key, members = None, {}
-        for info in tar:
-            if not info.isfile():
-                continue
-            head, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            name = f"{head}/{stem}" if head else stem
-            if name != key and members:
-                yield key, members, tar
-                members = {}
-            key = name
-            members[ext] = info
-        if members:
-            yield key, members, tar
-
-
-def iter_records(shards_dir: str | Path, *, rank: int = 0, world_size: int = 1) -> Iterator[Record]:
+def iter_records(shards_dir: str | Path, *, rank: int = 0, world_size: int = 1,
+                 verify: str = "counts") -> Iterator[Record]:
     """Every record of the folder, in index order; features are read only for this rank's share
-    (record i belongs to rank i % world_size, so a video's items are scored where its features are)."""
-    shards_dir = Path(shards_dir)
+    (record i belongs to rank i % world_size, so a video's items are scored where its features are).
+
+    Read through data/ with the training loader's checks (data/dataset.py, data/records.py: index
+    against shards, plain tars only, metadata to its leaves, npy header, NaN/inf): a record that
+    fails one stops the run with a one-line MalformedItem naming shard, record and reason, as a
+    malformed qa item does: skipping it would change the denominator unseen."""
+    try:
+        dataset = open_dataset(shards_dir, verify=verify)
+    except DatasetMissing:
+        raise
+    except DatasetError as err:
+        raise MalformedItem(str(err)) from None
     seen: set[str] = set()
-    position = 0
-    for shard in _shard_names(shards_dir):
-        for key, members, tar in _tar_groups(shards_dir / shard):
-            where = f"{shard}: record {key!r}"
-            if "json" not in members or "features.npy" not in members:
-                raise MalformedItem(f"{where}: expected members {key}.json and {key}.features.npy, got {sorted(members)}")
-            try:
-                meta = json.loads(tar.extractfile(members["json"]).read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise MalformedItem(f"{where}: {key}.json is not valid JSON ({err})") from None
-            if not isinstance(meta, dict):
-                raise MalformedItem(f"{where}: {key}.json: expected an object, got {type(meta).__name__}")
-            qa = meta.get("qa", [])
-            if not isinstance(qa, list):
-                raise MalformedItem(f"{where}: field 'qa': expected a list, got {type(qa).__name__}")
-            items = [parse_qa_item(raw, video_key=key, where=where) for raw in qa]
-            for item in items:
-                if item.id in seen:
-                    raise MalformedItem(f"{where}: qa item {item.id!r} field 'id': already used by another item")
-                seen.add(item.id)
-            mine = position % world_size == rank
-            position += 1
-            features = None
-            if mine:
-                raw = tar.extractfile(members["features.npy"]).read()
-                features = np.load(io.BytesIO(raw), allow_pickle=False)
-                if features.ndim != 3:
-                    raise MalformedItem(f"{where}: features: expected [frames, patches, dim], got shape {features.shape}")
-            yield Record(key=key, meta=meta, items=items, features=features)
+    records = iter_dataset(dataset, want_features=lambda position: position % world_size == rank)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except BadRecord as err:
+            raise MalformedItem(err.line()) from None
+        where = f"{record.shard}: record {record.key!r}"
+        items = [parse_qa_item(raw, video_key=record.key, where=where) for raw in record.meta.get("qa", [])]
+        for item in items:
+            if item.id in seen:
+                raise MalformedItem(f"{where}: qa item {item.id!r} field 'id': already used by another item")
+            seen.add(item.id)
+        yield Record(key=record.key, meta=record.meta, items=items, features=record.features)
 
 
 class ModelQA:
