@@ -9,71 +9,35 @@ Forward-direction parameter names are those of transformers' `Mamba2Mixer` (in_p
 dt_bias, A_log, D, norm.weight, out_proj), so a causal mixer's state_dict loads into it and vice
 versa; the backward direction adds conv1d_b, dt_bias_b, A_b_log, D_b, norm_b as in the MambaMia code.
 
-Each direction runs mamba_ssm's fused `mamba_split_conv1d_scan_combined` when it and causal_conv1d
-import and the tensors are on CUDA; otherwise a PyTorch conv1d followed by `model.ssd.chunk_scan`
-(which itself uses the fused SSD kernel on CUDA when only mamba_ssm is present).
+Each direction runs mamba_ssm's fused `mamba_split_conv1d_scan_combined` when model.kernels picks
+it (mamba_ssm and causal_conv1d import; CUDA tensors, or MAMBAMIA_KERNELS=fused); otherwise a
+PyTorch conv1d followed by `model.ssd.chunk_scan` and `RMSNormGated`, each of which asks
+model.kernels for its own fused kernel (so with mamba_ssm but no causal_conv1d only the conv runs
+in PyTorch).
 
 Run the tests: `python -m pytest tests/test_mixer.py -q`.
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import kernels
 from model.ssd import chunk_scan
-
-logger = logging.getLogger(__name__)
-
-# "reference" forces conv1d + chunk_scan, "fast" demands the fused kernel, None picks it on CUDA
-# whenever it imports. Tests set this.
-FORCE_IMPL: str | None = None
-
-_FUSED: Callable | None = None
-_FUSED_RESOLVED = False
-_LOGGED_PATHS: set[str] = set()
-
-
-def _fused_kernel() -> Callable | None:
-    """mamba_ssm's `mamba_split_conv1d_scan_combined` when causal_conv1d's CUDA op is there too."""
-    global _FUSED, _FUSED_RESOLVED
-    if not _FUSED_RESOLVED:
-        _FUSED_RESOLVED = True
-        try:
-            from mamba_ssm.ops.triton import ssd_combined
-        except (ImportError, OSError, RuntimeError) as err:
-            logger.info("Mamba2 mixer: mamba_ssm unavailable (%s); PyTorch conv1d + SSD path", err)
-            return None
-        # The module imports without causal_conv1d but the fused op then fails at call time;
-        # its name changed across mamba_ssm releases.
-        conv_op = getattr(ssd_combined, "causal_conv1d_fwd_function", None) or getattr(
-            ssd_combined, "causal_conv1d_cuda", None)
-        if conv_op is None:
-            logger.info("Mamba2 mixer: causal_conv1d unavailable; PyTorch conv1d + SSD path")
-        else:
-            _FUSED = ssd_combined.mamba_split_conv1d_scan_combined
-    return _FUSED
-
-
-def _log_once(path: str, message: str) -> None:
-    if path not in _LOGGED_PATHS:
-        _LOGGED_PATHS.add(path)
-        logger.info(message)
-
 
 class RMSNormGated(nn.Module):
     """RMSNorm over groups of `group_size` channels, gated by silu(z).
 
-    norm_before_gate=False (transformers' Mamba2 torch path, and what its fused call passes):
-    y = w * rmsnorm(x * silu(z)); True: y = w * rmsnorm(x) * silu(z). Computed in float32 or wider.
+    norm_before_gate=True (the official MambaMia code, mamba_ssm's default): y = w * rmsnorm(x) * silu(z);
+    False (transformers' Mamba2): y = w * rmsnorm(x * silu(z)). Computed in float32 or wider, or by
+    mamba_ssm's `rmsnorm_fn` where model.kernels picks it.
     """
 
     def __init__(self, hidden_size: int, *, group_size: int | None = None, eps: float = 1e-5,
-                 norm_before_gate: bool = False):
+                 norm_before_gate: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.group_size = group_size or hidden_size
@@ -83,6 +47,10 @@ class RMSNormGated(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        kernel = kernels.kernel_for(kernels.GATED_NORM, x)
+        if kernel is not None:
+            return kernel(x, self.weight, None, z=z, eps=self.eps, group_size=self.group_size,
+                          norm_before_gate=self.norm_before_gate)
         in_dtype = x.dtype
         x = x.to(_at_least_fp32(in_dtype))
         gate = F.silu(z.to(x.dtype)) if z is not None else None
@@ -101,6 +69,8 @@ class Mamba2Mixer(nn.Module):
     Init (paper §1.3/§5.8): dt_bias = softplus^-1(dt), dt ~ exp(U[log dt_min, log dt_max]) floored at
     dt_init_floor; A_log = log(1..H); D = 1; projections keep nn.Linear's init with zero biases.
     A_log, D and dt_bias (and their _b twins) carry `_no_weight_decay = True` for the optimizer groups.
+    norm_before_gate: the gated norm's order (see RMSNormGated); True as in the official MambaMia
+    code, False reproduces transformers' Mamba2Mixer.
     """
 
     def __init__(
@@ -115,7 +85,7 @@ class Mamba2Mixer(nn.Module):
         chunk_size: int = 256,
         bidirectional: bool = False,
         norm_eps: float = 1e-5,
-        norm_before_gate: bool = False,
+        norm_before_gate: bool = True,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         dt_init_floor: float = 1e-4,
@@ -204,21 +174,13 @@ class Mamba2Mixer(nn.Module):
     def _direction(self, zxbcdt: torch.Tensor, conv1d: nn.Conv1d, dt_bias: nn.Parameter,
                    A_log: nn.Parameter, D: nn.Parameter, norm: RMSNormGated) -> torch.Tensor:
         """One scan direction over zxbcdt [B, L, ...] in its own time order -> [B, L, I] (pre out_proj)."""
-        if FORCE_IMPL not in (None, "reference", "fast"):
-            raise ValueError(f"model.mixer.FORCE_IMPL: expected None, 'reference' or 'fast', got {FORCE_IMPL!r}")
         A = -torch.exp(A_log.to(_at_least_fp32(A_log.dtype)))  # [H]
-        if FORCE_IMPL != "reference":
-            fused = _fused_kernel()
-            if fused is not None and zxbcdt.is_cuda and zxbcdt.dtype != torch.float64:
-                _log_once("fast", "Mamba2 mixer: mamba_ssm fused conv1d + SSD + gated norm kernel")
-                return fused(zxbcdt, conv1d.weight.squeeze(1), conv1d.bias, dt_bias, A, D, self.chunk_size,
-                             dt_limit=self.dt_limit, activation="silu", rmsnorm_weight=norm.weight,
-                             rmsnorm_eps=norm.eps, headdim=self.headdim, ngroups=self.ngroups,
-                             norm_before_gate=norm.norm_before_gate)
-            if FORCE_IMPL == "fast":
-                raise RuntimeError("model.mixer.FORCE_IMPL='fast' needs mamba_ssm + causal_conv1d and "
-                                   "CUDA tensors of a 32-bit or 16-bit float dtype")
-        _log_once("reference", "Mamba2 mixer: PyTorch conv1d + chunk_scan path")
+        fused = kernels.split_conv1d_kernel(zxbcdt)
+        if fused is not None:
+            return fused(zxbcdt, conv1d.weight.squeeze(1), conv1d.bias, dt_bias, A, D, self.chunk_size,
+                         dt_limit=self.dt_limit, activation="silu", rmsnorm_weight=norm.weight,
+                         rmsnorm_eps=norm.eps, headdim=self.headdim, ngroups=self.ngroups,
+                         norm_before_gate=norm.norm_before_gate)
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt_raw = zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         # Depthwise causal conv: left padding of d_conv - 1, keep the first L outputs.

@@ -1,8 +1,9 @@
 """The Mamba2 state-space-dual (SSD) scan: a chunked pure-PyTorch path and mamba_ssm's fused kernel.
 
 `chunk_scan` has the signature and semantics of
-`mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`, so on CUDA with mamba_ssm installed
-the Triton kernel is a drop-in; everywhere else (CPU, no mamba_ssm, float64) the PyTorch path runs.
+`mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined`, so the Triton kernel is a drop-in:
+model.kernels decides which runs (by default the kernel on CUDA when mamba_ssm imports, the PyTorch
+path elsewhere; MAMBAMIA_KERNELS=reference|fused forces one).
 
 The recurrence, per batch b and head h (r = h's group for B and C):
     dt_t = clamp(softplus?(dt_t + dt_bias), *dt_limit)
@@ -19,22 +20,12 @@ Run the tests: `python -m pytest tests/test_ssd.py -q`.
 """
 from __future__ import annotations
 
-import logging
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
-
-# "reference" forces the PyTorch path, "fast" demands the fused kernel (error if unusable),
-# None picks the kernel whenever it imports and the tensors live on CUDA. Tests set this.
-FORCE_IMPL: str | None = None
-
-_FUSED: Callable | None = None
-_FUSED_RESOLVED = False
-_LOGGED_PATHS: set[str] = set()
+from model import kernels
 
 # On CPU the PyTorch path tiles time at min(chunk_size, this). chunk_size only sets the blocking (the
 # result is the same recurrence, tested), and on CPU the intra-chunk [l, s] work per token grows with
@@ -54,28 +45,6 @@ _FACTOR_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 def reference_tile(chunk_size: int, device: torch.device) -> int:
     """The chunk length the PyTorch path works in on `device` (see REFERENCE_MAX_CHUNK)."""
     return min(chunk_size, REFERENCE_MAX_CHUNK) if device.type == "cpu" else chunk_size
-
-
-def _fused_kernel() -> Callable | None:
-    """mamba_ssm's `mamba_chunk_scan_combined`, or None; imported once, reason logged once."""
-    global _FUSED, _FUSED_RESOLVED
-    if not _FUSED_RESOLVED:
-        _FUSED_RESOLVED = True
-        try:
-            # mamba_ssm/__init__ imports its CUDA extension unconditionally, so a CPU machine or a
-            # Triton-only install raises here rather than at call time.
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-        except (ImportError, OSError, RuntimeError) as err:
-            logger.info("SSD scan: mamba_ssm kernel unavailable (%s); PyTorch path on all devices", err)
-        else:
-            _FUSED = mamba_chunk_scan_combined
-    return _FUSED
-
-
-def _log_once(path: str, message: str) -> None:
-    if path not in _LOGGED_PATHS:
-        _LOGGED_PATHS.add(path)
-        logger.info(message)
 
 
 def chunk_scan(
@@ -101,19 +70,11 @@ def chunk_scan(
     final states are float32 (float64 for float64 inputs) like the kernel's.
     """
     _check_shapes(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx)
-    if FORCE_IMPL not in (None, "reference", "fast"):
-        raise ValueError(f"model.ssd.FORCE_IMPL: expected None, 'reference' or 'fast', got {FORCE_IMPL!r}")
-    if FORCE_IMPL != "reference":
-        kernel = _fused_kernel()
-        if kernel is not None and x.is_cuda and x.dtype != torch.float64:  # Triton: no fp64 dots
-            _log_once("fast", "SSD scan: mamba_ssm fused Triton kernel")
-            return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                          initial_states=initial_states, seq_idx=seq_idx, dt_softplus=dt_softplus,
-                          dt_limit=dt_limit, return_final_states=return_final_states)
-        if FORCE_IMPL == "fast":
-            raise RuntimeError("model.ssd.FORCE_IMPL='fast' needs mamba_ssm importable and CUDA "
-                               "tensors of a 32-bit or 16-bit float dtype")
-    _log_once("reference", "SSD scan: chunked PyTorch path")
+    kernel = kernels.kernel_for(kernels.SSD_SCAN, x)
+    if kernel is not None:
+        return kernel(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+                      seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                      return_final_states=return_final_states)
     return chunk_scan_reference(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                                 initial_states=initial_states, seq_idx=seq_idx,
                                 dt_softplus=dt_softplus, dt_limit=dt_limit,

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as HFMamba2Mixer
 
-from model import mixer as mixer_module
-from model import ssd
+from model import kernels
 from model.mixer import Mamba2Mixer, RMSNormGated
 from tests.test_ssd import naive_scan
 
@@ -18,9 +17,9 @@ SIZES = dict(d_model=16, d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, ch
 
 
 @pytest.fixture(autouse=True)
-def _reference_paths(monkeypatch):
-    monkeypatch.setattr(ssd, "FORCE_IMPL", "reference")
-    monkeypatch.setattr(mixer_module, "FORCE_IMPL", "reference")
+def _reference_paths():
+    with kernels.use("reference"):
+        yield
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -40,7 +39,7 @@ def _hf_mixer() -> HFMamba2Mixer:
 
 def test_causal_mixer_equals_transformers_mixer_with_same_weights():
     torch.manual_seed(0)
-    ours = Mamba2Mixer(**SIZES).double()
+    ours = Mamba2Mixer(**SIZES, norm_before_gate=False).double()  # transformers gates first
     _randomize(ours, seed=1)
     theirs = _hf_mixer().double().eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -63,7 +62,7 @@ def test_causal_mixer_equals_transformers_mixer_with_same_weights():
     torch.testing.assert_close(delta, torch.log1p(torch.exp(dt_raw + ours.dt_bias)), rtol=1e-6, atol=1e-7)
 
     # And the other way: transformers' weights load into ours unchanged.
-    reloaded = Mamba2Mixer(**SIZES).double()
+    reloaded = Mamba2Mixer(**SIZES, norm_before_gate=False).double()
     reloaded.load_state_dict(theirs.state_dict(), strict=True)
     torch.testing.assert_close(reloaded(h), y, rtol=1e-12, atol=1e-12)
 
@@ -76,33 +75,41 @@ def _causal_conv_silu(u, weight, bias):
     return out * torch.sigmoid(out)
 
 
-def _gated_rmsnorm(y, z, weight, groups, eps):
-    g = (y * z * torch.sigmoid(z)).unflatten(-1, (groups, -1))
-    g = g / torch.sqrt(g.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * g.flatten(-2)
+def _gated_rmsnorm(y, z, weight, groups, eps, norm_before_gate):
+    """Closed form: w * rms(y) * silu(z) (norm first) or w * rms(y * silu(z)) (gate first), per group."""
+    gate = z * torch.sigmoid(z)
+
+    def rms(v):
+        v = v.unflatten(-1, (groups, -1))
+        return (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2)
+
+    return weight * (rms(y) * gate if norm_before_gate else rms(y * gate))
 
 
-def _one_direction(zxbcdt, conv, dt_bias, A_log, D, norm_weight, *, inner=32, heads=4, groups=2, state=8):
+def _one_direction(zxbcdt, conv, dt_bias, A_log, D, norm_weight, *, norm_before_gate, inner=32, heads=4,
+                   groups=2, state=8):
     b, l, _ = zxbcdt.shape
     z, xBC, dt = zxbcdt.split([inner, inner + 2 * groups * state, heads], dim=-1)
     xBC = _causal_conv_silu(xBC, conv.weight, conv.bias)
     x, B, C = xBC.split([inner, groups * state, groups * state], dim=-1)
     y, _ = naive_scan(x.reshape(b, l, heads, -1), dt, -torch.exp(A_log), B.reshape(b, l, groups, state),
                       C.reshape(b, l, groups, state), D=D, dt_bias=dt_bias, dt_softplus=True)
-    return _gated_rmsnorm(y.reshape(b, l, inner), z, norm_weight, groups, 1e-5)
+    return _gated_rmsnorm(y.reshape(b, l, inner), z, norm_weight, groups, 1e-5, norm_before_gate)
 
 
-def test_bidirectional_mixer_equals_composition_from_naive_recurrence():
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_bidirectional_mixer_equals_composition_from_naive_recurrence(norm_before_gate):
     torch.manual_seed(2)
-    mixer = Mamba2Mixer(**SIZES, bidirectional=True).double()
+    mixer = Mamba2Mixer(**SIZES, bidirectional=True, norm_before_gate=norm_before_gate).double()
     _randomize(mixer, seed=3)
     h = torch.randn(2, 13, 16, dtype=torch.float64)
     y, delta = mixer(h, return_dt=True)
 
     zxbcdt = F.linear(h, mixer.in_proj.weight)
-    y_f = _one_direction(zxbcdt, mixer.conv1d, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight)
+    y_f = _one_direction(zxbcdt, mixer.conv1d, mixer.dt_bias, mixer.A_log, mixer.D, mixer.norm.weight,
+                         norm_before_gate=norm_before_gate)
     y_b = _one_direction(zxbcdt.flip(1), mixer.conv1d_b, mixer.dt_bias_b, mixer.A_b_log, mixer.D_b,
-                         mixer.norm_b.weight)
+                         mixer.norm_b.weight, norm_before_gate=norm_before_gate)
     expected = F.linear(y_f + y_b.flip(1), mixer.out_proj.weight)
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-10)
 
@@ -146,15 +153,38 @@ def test_init_follows_the_paper_and_marks_no_weight_decay():
     assert no_decay == {"dt_bias", "A_log", "D", "dt_bias_b", "A_b_log", "D_b"}
 
 
-def test_norm_before_gate_variant():
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_norm_both_orders_against_closed_form(norm_before_gate):
     torch.manual_seed(7)
-    norm = RMSNormGated(12, group_size=4, eps=1e-6, norm_before_gate=True).double()
+    norm = RMSNormGated(12, group_size=4, eps=1e-6, norm_before_gate=norm_before_gate).double()
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x, z = torch.randn(3, 12, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
-    groups = x.view(3, 3, 4)
-    normed = (groups / torch.sqrt(groups.pow(2).mean(-1, keepdim=True) + 1e-6)).view(3, 12)
-    torch.testing.assert_close(norm(x, z), norm.weight * normed * z * torch.sigmoid(z))
+    # One group by hand: rms over its 4 channels, silu(z) = z sigmoid(z) applied before or after.
+    gate = z * torch.sigmoid(z)
+    v = x if norm_before_gate else x * gate
+    expected = torch.empty_like(x)
+    for g in range(3):
+        chunk = v[:, 4 * g:4 * g + 4]
+        expected[:, 4 * g:4 * g + 4] = chunk / torch.sqrt((chunk * chunk).sum(-1, keepdim=True) / 4 + 1e-6)
+    expected = norm.weight * (expected * gate if norm_before_gate else expected)
+    torch.testing.assert_close(norm(x, z), expected)
+    # The two orders differ (a test of one would not pass for the other).
+    other = RMSNormGated(12, group_size=4, eps=1e-6, norm_before_gate=not norm_before_gate).double()
+    other.load_state_dict(norm.state_dict())
+    assert (other(x, z) - expected).abs().max() > 1e-2
+
+
+def test_compressor_config_sets_every_mixer_norm_order():
+    from model.compressor import VideoCompressor
+    from model.config import CompressorConfig
+
+    assert CompressorConfig().norm_before_gate is True  # the official MambaMia default (paper.md)
+    for flag in (True, False):
+        config = CompressorConfig(input_dim=8, hidden_size=16, num_layers=1, k=4, keyframes=2, d_state=4,
+                                  headdim=8, norm_before_gate=flag)
+        norms = [m for m in VideoCompressor(config).modules() if isinstance(m, RMSNormGated)]
+        assert len(norms) == 4 and all(n.norm_before_gate is flag for n in norms)  # 2 stages x 2 directions
 
 
 def test_bad_config_and_input_raise():

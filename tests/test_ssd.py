@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ssd
+from model import kernels, ssd
 from model.ssd import chunk_scan
 
 
@@ -15,9 +16,10 @@ from model.ssd import chunk_scan
 def _reference_path(request, monkeypatch):
     """Every test runs twice: chunks with moderate decay take the factored within-chunk product
     (the default here, the inputs' decays are moderate), or every chunk takes the segment-sum path."""
-    monkeypatch.setattr(ssd, "FORCE_IMPL", "reference")
     if request.param == "segsum":
         monkeypatch.setattr(ssd, "_FACTOR_LIMIT", {torch.float32: -1.0, torch.float64: -1.0})
+    with kernels.use("reference"):
+        yield
 
 
 def naive_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
@@ -217,9 +219,17 @@ def test_bad_shapes_raise_clear_errors():
         chunk_scan(x, torch.zeros(1, 8, 2), torch.zeros(2), B, B, 4, D=torch.zeros(3))
 
 
-def test_force_fast_without_kernel_is_an_error(monkeypatch):
-    monkeypatch.setattr(ssd, "FORCE_IMPL", "fast")
+def test_fused_mode_without_mamba_ssm_is_a_one_line_error(monkeypatch):
+    kernels.reset()
+    # None in sys.modules makes the import raise ImportError (also for submodules left behind
+    # by another test's failed import of mamba_ssm).
+    for name in [n for n in sys.modules if n.split(".")[0] == "mamba_ssm"] + ["mamba_ssm"]:
+        monkeypatch.setitem(sys.modules, name, None)
     x = torch.zeros(1, 4, 1, 1)
     B = torch.zeros(1, 4, 1, 1)
-    with pytest.raises(RuntimeError, match="FORCE_IMPL='fast'"):
-        chunk_scan(x, torch.zeros(1, 4, 1), torch.zeros(1), B, B, 4)
+    try:
+        with kernels.use("fused"), pytest.raises(RuntimeError, match="MAMBAMIA_KERNELS=fused: the SSD scan needs") as err:
+            chunk_scan(x, torch.zeros(1, 4, 1), torch.zeros(1), B, B, 4)
+        assert "\n" not in str(err.value)
+    finally:
+        kernels.reset()

@@ -11,8 +11,7 @@ import types
 import pytest
 import torch
 
-from model import mixer as mixer_module
-from model import ssd
+from model import kernels, ssd
 from model.mixer import Mamba2Mixer
 
 pytestmark = [
@@ -39,12 +38,12 @@ def ssd_combined():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dispatch(monkeypatch):
-    """Forget any dispatch decision made before the stub above existed."""
-    for module in (ssd, mixer_module):
-        monkeypatch.setattr(module, "_FUSED_RESOLVED", False)
-        monkeypatch.setattr(module, "_FUSED", None)
-        monkeypatch.setattr(module, "FORCE_IMPL", None)
+def _fresh_dispatch():
+    """Forget any dispatch decision made before the stub above existed; auto mode."""
+    kernels.reset()
+    with kernels.use("auto"):
+        yield
+    kernels.reset()
 
 
 def _report(label: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
@@ -99,8 +98,7 @@ def test_chunk_scan_dispatches_to_fused_kernel_on_cuda(ssd_combined, monkeypatch
         calls.append(kwargs)
         return ssd_combined.mamba_chunk_scan_combined(*args, **kwargs)
 
-    monkeypatch.setattr(ssd, "_FUSED", spy)
-    monkeypatch.setattr(ssd, "_FUSED_RESOLVED", True)
+    monkeypatch.setitem(kernels._loaded, kernels.SSD_SCAN, (spy, ""))
     inputs = {k: v.detach() for k, v in _scan_inputs(torch.bfloat16, l=300).items()}
     seq_idx = torch.zeros(2, 300, dtype=torch.int32, device="cuda")
     seq_idx[:, 170:] = 1
@@ -111,21 +109,21 @@ def test_chunk_scan_dispatches_to_fused_kernel_on_cuda(ssd_combined, monkeypatch
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_fused_mixer_matches_reference(ssd_combined, monkeypatch, bidirectional):
-    if mixer_module._fused_kernel() is None:
-        pytest.skip("causal_conv1d is not installed: the mixer's fused path is unavailable")
+def test_fused_mixer_matches_reference(ssd_combined, bidirectional):
+    if kernels._load(kernels.SPLIT_CONV1D)[0] is None:
+        pytest.skip("causal_conv1d is not installed: the mixer's split-conv1d kernel is unavailable")
     torch.manual_seed(0)
     mixer = Mamba2Mixer(256, d_state=64, headdim=64, bidirectional=bidirectional).cuda()
     h = torch.randn(2, 700, 256, device="cuda")
     outputs = {}
-    for impl in ("fast", "reference"):
-        monkeypatch.setattr(mixer_module, "FORCE_IMPL", impl)
+    for impl in ("fused", "reference"):
         mixer.zero_grad()
         leaf = h.clone().requires_grad_()
-        y, delta = mixer(leaf, return_dt=True)
+        with kernels.use(impl):
+            y, delta = mixer(leaf, return_dt=True)
         (y * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
         outputs[impl] = (y, delta, leaf.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()})
-    fast, ref = outputs["fast"], outputs["reference"]
+    fast, ref = outputs["fused"], outputs["reference"]
     _report("mixer y", fast[0], ref[0], torch.float32)
     torch.testing.assert_close(fast[1], ref[1])
     _report("mixer grad input", fast[2], ref[2], torch.float32)
