@@ -1,0 +1,431 @@
+"""Does MambaMia beat its ablations? A controlled benchmark through the real training path.
+
+Synthetic long-video tasks are generated on the fly at the feature level (patch features of a
+static scene plus noise, with planted patterns), so no video is ever seen twice and nothing can be
+memorised; every variant trains the same VideoLLM (tiny Qwen2 LLM from trainer.tiny, compressor,
+projector, all trainable) with the same recipe, one model per (variant, length, seed) on a mixture
+of the three tasks, and is scored by the evaluator's option log-likelihood (trainer.evaluate).
+
+Tasks (the question names the task, options are listed in a fixed order, so text alone is chance):
+    needle  a small local pattern in `needle_patches` patches of ONE frame: which of 4 classes
+    order   two events (patterns) in two different frames: which came first (2 options)
+    count   an event in 1-4 frames: how many (4 options)
+Variants (equal visual-token budget per length: `keyframes` frames x anchors per frame):
+    mambamia, mambamia_uniform (uniform keyframes), bimamba (no GPA), causal_mambamia,
+    transformer, avgpool. Every variant has the same Time Axis Aggregator and Δ selection except
+    mambamia_uniform.
+
+    python bench/bench_method.py --quick        # CI smoke run, well under a minute
+    python bench/bench_method.py                # the full table (lengths 64/256/1024, 3 seeds)
+    python bench/bench_method.py --profile      # Δ frame-score profile on identical frames
+
+Prints a table of mean ± std accuracy per task and length, writes a PNG plot and a JSON report,
+and ends with one JSON line (the report's summary).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.collate import pad_text  # noqa: E402
+from data.text import qa_conversation, tokenize_conversation  # noqa: E402
+from model.compressor import VideoCompressor  # noqa: E402
+from model.config import CompressorConfig, VideoLLMConfig  # noqa: E402
+from model.video_llm import VideoLLM  # noqa: E402
+from trainer.engine import lr_factor  # noqa: E402
+from trainer.evaluate import ModelQA, QAItem, choose_option  # noqa: E402
+from trainer.tiny import build_llm, build_tokenizer  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "mambamia": {},
+    "mambamia_uniform": {"frame_selection": "uniform"},
+    "bimamba": {"kind": "bimamba"},
+    "causal_mambamia": {"kind": "causal_mambamia"},
+    "transformer": {"kind": "transformer"},
+    "avgpool": {"kind": "avgpool"},
+}
+TASKS = ("needle", "order", "count")
+CLASSES = ("circle", "square", "star", "cross")
+EVENTS = ("bell", "flash")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Spec:
+    """The synthetic videos and the model that reads them (one per run)."""
+
+    patches: int = 4
+    """Patch tokens per frame (4 with k = 4: one anchor per frame, the CPU-affordable case)."""
+    dim: int = 16
+    """Feature width."""
+    noise: float = 0.5
+    """Per-frame, per-patch Gaussian noise on top of the video's static scene (scene std 1)."""
+    amplitude: float = 2.0
+    """Norm of a planted pattern per feature channel (patterns are unit-RMS vectors x this)."""
+    needle_patches: int = 1
+    """Patches of the one frame that carry the needle."""
+    keyframes: int = 8
+    """Frames kept by every variant: the token budget is keyframes x (patches/k + 1)."""
+    k: int = 4
+    hidden: int = 32
+
+
+@dataclasses.dataclass(kw_only=True)
+class Recipe:
+    """The training recipe, the same for every variant (tuned once with --tune)."""
+
+    steps: int = 300
+    batch: int = 4
+    lr: float = 3e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_items: int = 48
+    """Held-out videos per task (fresh draws) at the end of training."""
+
+
+class Patterns:
+    """The fixed patterns of one benchmark run: needle classes and events, unit-RMS vectors."""
+
+    def __init__(self, spec: Spec, seed: int):
+        gen = np.random.default_rng(10_000 + seed)
+        vecs = gen.standard_normal((len(CLASSES) + len(EVENTS) + 1, spec.dim))
+        vecs /= np.sqrt((vecs ** 2).mean(1, keepdims=True))
+        self.classes = vecs[: len(CLASSES)] * spec.amplitude
+        self.events = vecs[len(CLASSES): len(CLASSES) + len(EVENTS)] * spec.amplitude
+        self.counted = vecs[-1] * spec.amplitude
+
+
+def scene(spec: Spec, frames: int, rng: np.random.Generator) -> np.ndarray:
+    base = rng.standard_normal((1, spec.patches, spec.dim))
+    return (base + spec.noise * rng.standard_normal((frames, spec.patches, spec.dim))).astype(np.float32)
+
+
+def make_video(task: str, spec: Spec, pat: Patterns, frames: int, rng: np.random.Generator):
+    """(features [F, P, D] float32, question, options, answer index, frames holding the events)."""
+    x = scene(spec, frames, rng)
+    if task == "needle":
+        answer = int(rng.integers(len(CLASSES)))
+        where = [int(rng.integers(frames))]
+        patches = rng.choice(spec.patches, spec.needle_patches, replace=False)
+        x[where[0], patches] += pat.classes[answer]
+        return x, "Which shape appears briefly in the video?", list(CLASSES), answer, where
+    if task == "order":
+        where = sorted(int(f) for f in rng.choice(frames, 2, replace=False))
+        answer = int(rng.integers(2))  # which event comes first
+        for frame, event in zip(where, (answer, 1 - answer)):
+            x[frame] += pat.events[event]
+        return x, "Which event happens first in the video?", list(EVENTS), answer, where
+    if task == "count":
+        answer = int(rng.integers(4))
+        where = sorted(int(f) for f in rng.choice(frames, answer + 1, replace=False))
+        x[where] += pat.counted
+        return x, "How many times does the flash appear?", ["1", "2", "3", "4"], answer, where
+    raise ValueError(f"bench_method: unknown task {task!r}; expected one of {list(TASKS)}")
+
+
+def compressor_config(variant: str, spec: Spec) -> CompressorConfig:
+    return CompressorConfig(
+        input_dim=spec.dim, patches_per_frame=spec.patches, hidden_size=spec.hidden, num_layers=1,
+        k=spec.k, taa_layers=1, keyframes=spec.keyframes, d_state=16, headdim=16, expand=2,
+        ssd_chunk_size=64, gpa_dropout=0.0, transformer_heads=2, **VARIANTS[variant])
+
+
+def build_model(variant: str, spec: Spec, llm_dir: Path, seed: int) -> VideoLLM:
+    torch.manual_seed(seed)
+    cfg = VideoLLMConfig(llm_path=str(llm_dir), compressor=compressor_config(variant, spec),
+                         attn_implementation="sdpa")
+    return VideoLLM.build(cfg)
+
+
+def batch_of(tokenizer, videos: list) -> dict:
+    """The trainer's inputs for a list of (features, question, options, answer, where)."""
+    ids, labels = [], []
+    for _, question, options, answer, _ in videos:
+        conv = qa_conversation({"question": question, "options": options, "answer": answer})
+        i, lab = tokenize_conversation(tokenizer, conv, 256)
+        ids.append(i)
+        labels.append(lab)
+    text = pad_text(ids, labels, tokenizer.pad_token_id)
+    feats = torch.from_numpy(np.stack([v[0] for v in videos]))
+    text["features"] = feats
+    text["frame_mask"] = torch.ones(feats.shape[:2], dtype=torch.bool)
+    return text
+
+
+def train(model: VideoLLM, spec: Spec, recipe: Recipe, pat: Patterns, frames: int,
+          rng: np.random.Generator) -> list[float]:
+    """The trainer's step in memory: AdamW over every parameter (no decay on vectors), the
+    trainer's warm-up + cosine schedule, gradient clipping; a fresh batch every step."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
+    warm = math.ceil(recipe.warmup * recipe.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, warm, 0.1))
+    model.train()
+    losses = []
+    for step in range(recipe.steps):
+        tasks = rng.choice(TASKS, recipe.batch)
+        out = model(**batch_of(model.tokenizer, [make_video(t, spec, pat, frames, rng)
+                                                 for t in tasks]))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(out.loss.detach()))
+    return losses
+
+
+def evaluate(model: VideoLLM, spec: Spec, recipe: Recipe, pat: Patterns, frames: int,
+             rng: np.random.Generator) -> dict:
+    """Accuracy per task with the evaluator's letter log-likelihood scoring, plus how often the
+    compressor kept a frame holding the planted pattern (needle frame, any event frame)."""
+    qa = ModelQA(model, model.tokenizer, max_frames=None, target="letter")
+    out = {}
+    for task in TASKS:
+        correct = kept_hits = 0
+        for i in range(recipe.eval_items):
+            x, question, options, answer, where = make_video(task, spec, pat, frames, rng)
+            item = QAItem(id=f"{task}-{i}", video_key=str(i), question=question, options=options,
+                          answer=answer)
+            choice, _ = choose_option(qa.option_logliks(item, x))
+            correct += choice == answer
+            _, kept = qa.visual_summary(x)
+            kept_hits += bool(set(kept) & set(where))
+        out[task] = {"accuracy": correct / recipe.eval_items,
+                     "kept_event_frame": kept_hits / recipe.eval_items}
+    return out
+
+
+def run_one(variant: str, frames: int, seed: int, spec: Spec, recipe: Recipe, llm_dir: Path,
+            *, eval_seed: int) -> dict:
+    model = build_model(variant, spec, llm_dir, seed)
+    pat = Patterns(spec, seed)
+    t0 = time.perf_counter()
+    losses = train(model, spec, recipe, pat, frames, np.random.default_rng([seed, frames, 1]))
+    result = evaluate(model, spec, recipe, pat, frames, np.random.default_rng([seed, frames, eval_seed]))
+    tail = max(1, len(losses) // 10)
+    return {"variant": variant, "frames": frames, "seed": seed, "tasks": result,
+            "loss_start": statistics.mean(losses[:tail]), "loss_end": statistics.mean(losses[-tail:]),
+            "seconds": time.perf_counter() - t0}
+
+
+def summarize(runs: list[dict], variants: list[str], lengths: list[int]) -> dict:
+    table = {}
+    for v in variants:
+        for n in lengths:
+            for task in TASKS:
+                accs = [r["tasks"][task]["accuracy"] for r in runs
+                        if r["variant"] == v and r["frames"] == n]
+                kept = [r["tasks"][task]["kept_event_frame"] for r in runs
+                        if r["variant"] == v and r["frames"] == n]
+                if accs:
+                    table[f"{v}/{n}/{task}"] = {
+                        "mean": statistics.mean(accs),
+                        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "kept_event_frame": statistics.mean(kept), "seeds": len(accs)}
+    return table
+
+
+def format_table(table: dict, variants: list[str], lengths: list[int]) -> str:
+    head = f"{'variant':<18}" + "".join(f"{t + '@' + str(n):>16}" for t in TASKS for n in lengths)
+    lines = [head]
+    for v in variants:
+        cells = []
+        for task in TASKS:
+            for n in lengths:
+                c = table.get(f"{v}/{n}/{task}")
+                cells.append(f"{100 * c['mean']:6.1f} ± {100 * c['std']:4.1f}" if c else "-")
+        lines.append(f"{v:<18}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot(table: dict, variants: list[str], lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chance = {"needle": 0.25, "order": 0.5, "count": 0.25}
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.2 * len(TASKS), 3.6), sharey=True)
+    for ax, task in zip(axes, TASKS):
+        for v in variants:
+            m = [table[f"{v}/{n}/{task}"]["mean"] for n in lengths]
+            s = [table[f"{v}/{n}/{task}"]["std"] for n in lengths]
+            ax.errorbar(lengths, m, yerr=s, marker="o", capsize=3, label=v)
+        ax.axhline(chance[task], color="grey", ls=":", lw=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_title(task)
+        ax.set_xlabel("frames per video")
+    axes[0].set_ylabel("accuracy (mean ± std over seeds)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def score_profile(model: VideoCompressor, spec: Spec, frames: int, seed: int = 0) -> dict:
+    """Δ frame scores over time on identical frames (one noiseless scene repeated), the frames
+    kept from them, and the rank of one distinct frame planted at a random position."""
+    model = model.eval()
+    gen = np.random.default_rng(seed)
+    x = np.repeat(scene(dataclasses.replace(spec, noise=0.0), 1, gen), frames, axis=0)
+    with torch.no_grad():
+        flat = model(torch.from_numpy(x)[None])
+    pos = int(gen.integers(1, frames - 1))
+    x[pos] = gen.standard_normal(x[pos].shape)
+    with torch.no_grad():
+        planted = model(torch.from_numpy(x)[None])
+    ranks = torch.argsort(planted.scores[0], descending=True).tolist()
+    return {"scores": flat.scores[0].tolist(), "kept_identical": flat.kept[0].tolist(),
+            "planted_at": pos, "planted_rank": ranks.index(pos)}
+
+
+PROFILE_CASES = {
+    # name: compressor overrides; "before" is the code before the fix (mean Δ, both dt_bias alike)
+    "before (mean Δ, dt_bias_b like forward)": {"delta_score": "mean",
+                                                "backward_dt_bias_init": "like_forward"},
+    "before, causal spatial stage": {"delta_score": "mean", "backward_dt_bias_init": "like_forward",
+                                     "kind": "causal_mambamia"},
+    "before, avgpool spatial stage (no scan)": {"delta_score": "mean", "kind": "avgpool",
+                                                "backward_dt_bias_init": "like_forward"},
+    "mean Δ, dt_bias_b = 1 (official)": {"delta_score": "mean"},
+    "after (deviation of log Δ, dt_bias_b = 1)": {},
+}
+
+
+def describe_profile(name: str, prof: list[dict], frames: int) -> str:
+    s = np.asarray(prof[0]["scores"])
+    mid = float(np.median(s))
+    marks = sorted({0, 1, 2, 4, frames // 4, frames // 2, frames - 3, frames - 2, frames - 1})
+    ranks = [p["planted_rank"] for p in prof]
+    return (f"{name}\n  score / median at frames {marks}: "
+            + " ".join(f"{s[m] / mid:.4f}" for m in marks)
+            + f"\n  kept on identical frames: {prof[0]['kept_identical']}"
+            + f"\n  planted distinct frame's rank (0 = first) over {len(ranks)} seeds: {ranks}")
+
+
+def _profile(spec: Spec, frames: int, seeds: int = 8) -> dict:
+    report = {}
+    for name, overrides in PROFILE_CASES.items():
+        prof = []
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            cfg = dataclasses.replace(compressor_config("mambamia", spec), **overrides)
+            prof.append(score_profile(VideoCompressor(cfg), spec, frames, seed))
+        print(describe_profile(name, prof, frames), flush=True)
+        report[name] = {"profile_seed0": prof[0]["scores"],
+                        "planted_ranks": [p["planted_rank"] for p in prof]}
+    return report
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke run: 2 variants, 1 length (32 frames), 2 seeds, a few steps")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024],
+                   help="frames per video (default: 64 256 1024)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant and length (default 3)")
+    p.add_argument("--steps", type=int, default=Recipe.steps, help="training steps per run")
+    p.add_argument("--lr", type=float, default=Recipe.lr, help="peak learning rate, every variant")
+    p.add_argument("--eval-items", type=int, default=Recipe.eval_items,
+                   help="held-out videos per task per run")
+    p.add_argument("--tune", nargs="+", type=float, default=None, metavar="LR",
+                   help="instead of the table: train every variant at the shortest length once "
+                        "per LR and score on a validation draw; pick the best mean over variants")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: print Δ frame-score profiles on identical frames")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="folder for bench_method.json and bench_method.png")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    spec = Spec()
+    recipe = Recipe(steps=args.steps, lr=args.lr, eval_items=args.eval_items)
+    variants, lengths, seeds = args.variants, sorted(args.lengths), args.seeds
+    if args.quick:
+        variants, lengths, seeds = ["mambamia", "avgpool"], [32], 2
+        recipe = dataclasses.replace(recipe, steps=6, eval_items=4)
+    if args.profile:
+        print(json.dumps({"profile": {str(n): _profile(spec, n) for n in lengths}}))
+        return 0
+    t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = build_tokenizer(Path(tmp) / "tok")
+        build_llm(Path(tmp) / "llm", tok)
+        if args.tune:
+            return _tune(args.tune, variants, lengths[0], spec, recipe, Path(tmp) / "llm")
+        runs = []
+        for n in lengths:
+            for seed in range(seeds):
+                for v in variants:
+                    r = run_one(v, n, seed, spec, recipe, Path(tmp) / "llm", eval_seed=2)
+                    runs.append(r)
+                    accs = " ".join(f"{t} {100 * r['tasks'][t]['accuracy']:.0f}%" for t in TASKS)
+                    print(f"[{time.perf_counter() - t0:7.0f}s] {v:<17} frames {n:<5} seed {seed}: "
+                          f"{accs} | loss {r['loss_start']:.2f}->{r['loss_end']:.2f} "
+                          f"({r['seconds']:.0f}s)", flush=True)
+    table = summarize(runs, variants, lengths)
+    wall = time.perf_counter() - t0
+    print(format_table(table, variants, lengths))
+    print(f"wall time {wall:.0f} s; chance: needle 25%, order 50%, count 25%")
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / ("bench_method_quick.png" if args.quick else "bench_method.png")
+    plot(table, variants, lengths, png)
+    report = {"spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe),
+              "runs": runs, "table": table, "wall_s": wall, "plot": str(png)}
+    path = args.out / ("bench_method_quick.json" if args.quick else "bench_method.json")
+    tmp_path = path.with_name(f".{path.name}.tmp")
+    tmp_path.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp_path, path)
+    longest = lengths[-1]
+    summary = {"bench": "method", "wall_s": round(wall, 1), "frames": longest, "plot": str(png),
+               "needle_at_longest": {v: round(table[f"{v}/{longest}/needle"]["mean"], 3)
+                                     for v in variants}}
+    print(json.dumps(summary))
+    return 0
+
+
+def _tune(lrs: list[float], variants: list[str], frames: int, spec: Spec, recipe: Recipe,
+          llm_dir: Path) -> int:
+    """One validation draw (eval seed 3, never the table's 2) per learning rate, all variants."""
+    means = {}
+    for lr in lrs:
+        r = dataclasses.replace(recipe, lr=lr)
+        accs = [statistics.mean(run_one(v, frames, 0, spec, r, llm_dir, eval_seed=3)["tasks"][t]
+                                ["accuracy"] for t in TASKS) for v in variants]
+        means[lr] = statistics.mean(accs)
+        print(f"lr {lr:g}: mean validation accuracy over variants and tasks "
+              f"{100 * means[lr]:.1f}% ({' '.join(f'{100 * a:.0f}' for a in accs)})", flush=True)
+    print(json.dumps({"bench": "method_tune", "frames": frames, "accuracy_by_lr": means,
+                      "best_lr": max(means, key=means.get)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""bench/bench_method.py end to end in its --quick form, and its synthetic tasks against their
+definitions (the planted frames hold the pattern, the answers are balanced)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_method.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_method", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_method"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["needle", "order", "count"])
+def test_tasks_plant_their_patterns_where_they_say(task):
+    bm = _bench()
+    spec = bm.Spec()
+    pat = bm.Patterns(spec, 0)
+    rng = np.random.default_rng(0)
+    answers = []
+    for _ in range(200):
+        x, _, options, answer, where = bm.make_video(task, spec, pat, 40, rng)
+        assert x.shape == (40, spec.patches, spec.dim)
+        # The planted frames stand out from the scene: far larger deviation from the median frame.
+        dev = np.abs(x - np.median(x, axis=0, keepdims=True)).max(axis=(1, 2))
+        quiet = np.delete(dev, where)
+        assert dev[where].min() > quiet.max()
+        if task == "count":
+            assert len(where) == answer + 1
+        if task == "order":
+            first = x[where[0]] - np.median(x, axis=0)
+            # the first planted frame carries the event named by the answer
+            assert np.abs(first - pat.events[answer]).mean() < np.abs(first).mean()
+        answers.append(answer)
+    counts = np.bincount(answers, minlength=len(options))
+    assert counts.min() > 200 / len(options) * 0.6  # every answer is common: text alone is chance
+
+
+def test_quick_mode_runs_end_to_end(tmp_path, capsys):
+    bm = _bench()
+    assert bm.main(["--quick", "--out", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert summary["bench"] == "method"
+    assert set(summary["needle_at_longest"]) == {"mambamia", "avgpool"}
+    assert Path(summary["plot"]).stat().st_size > 1000
+    report = json.loads((tmp_path / "bench_method_quick.json").read_text())
+    assert len(report["runs"]) == 2 * 2  # variants x seeds
+    for run in report["runs"]:
+        assert all(0.0 <= run["tasks"][t]["accuracy"] <= 1.0 for t in ("needle", "order", "count"))
