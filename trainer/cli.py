@@ -5,6 +5,7 @@
     mambamia train     one training stage from a YAML config with dotted overrides
     mambamia export    a run's checkpoint -> consolidated HF-style folder
     mambamia eval      score an exported model on multiple-choice / open-ended shards
+    mambamia ask       ask an exported model about one video file (--explain draws its frame choice)
     mambamia demo      the laptop-sized end-to-end run (synthetic videos, tiny models)
     mambamia tiny      a tiny-model workspace for your own videos, and the whole path through it
 
@@ -24,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("trainer.train:main", "train one stage: mambamia train CONFIG.yaml [key.sub=value ...]"),
     "export": ("trainer.export:main", "RUN_DIR OUT_DIR: consolidated folder loadable without DeepSpeed"),
     "eval": ("trainer.evaluate:main", "EXPORT_DIR SHARDS: multiple-choice accuracy / open-ended answers"),
+    "ask": ("trainer.ask:main", "EXPORT_DIR VIDEO \"question\": the model's answer about one video file"),
     "demo": ("trainer.demo:main", "end-to-end run on synthetic videos with tiny local models"),
     "tiny": ("trainer.workspace:main", "WS [--videos V --train A --test B]: your videos through tiny models"),
 }

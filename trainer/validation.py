@@ -219,19 +219,40 @@ def mismatch_note(cfg, scalars: dict[str, float]) -> str | None:
     return note
 
 
+def features_record(paths: tuple[str, ...]) -> dict | None:
+    """How the first readable training record's features were made: encoder name and layer,
+    frame rate, patches per frame and width (what `mambamia ask` must reproduce), or None."""
+    reader = ShardReader()
+    try:
+        for path in paths:
+            source = Source(path, 1.0)
+            for index in range(min(PROBE_RECORDS, source.size)):
+                try:
+                    head = reader.head(*source.locate(index))
+                except BadRecord:
+                    continue
+                return {"encoder": head.meta.get("encoder"), "layer": head.meta.get("layer"),
+                        "fps": head.meta.get("fps"), "patches": head.shape[1], "dim": head.shape[2]}
+    finally:
+        reader.close()
+    return None
+
+
 def write_training_record(cfg, out_dir) -> None:
-    """`OUT_DIR/training.json` for `mambamia export`: the stage, its data sources and the answer
-    forms they teach (null when the shards are gone), so that `mambamia eval` can say when its
-    scoring asks for a form the model was never taught."""
+    """`OUT_DIR/training.json` for `mambamia export`: the stage, its data sources, the answer forms
+    they teach and how their features were made (null when the shards are gone), and the frames
+    per video, so that `mambamia eval` can say when its scoring asks for a form the model was
+    never taught and `mambamia ask` can prepare a video as training did."""
     import json
     from pathlib import Path
 
     from trainer.evaluate import write_atomic
 
+    paths = tuple(s.path for s in cfg.data.sources if s.weight > 0)
     try:
-        forms = sorted(training_forms(tuple(s.path for s in cfg.data.sources if s.weight > 0)))
+        forms, features = sorted(training_forms(paths)), features_record(paths)
     except (OSError, ValueError):  # the training shards were moved or deleted since
-        forms = None
+        forms, features = None, None
     record = {"stage": cfg.stage, "sources": [{"path": s.path, "weight": s.weight} for s in cfg.data.sources],
-              "answer_forms": forms}
+              "answer_forms": forms, "features": features, "max_frames": cfg.data.max_frames}
     write_atomic(Path(out_dir) / "training.json", json.dumps(record, indent=1) + "\n")
