@@ -102,6 +102,9 @@ def run_all(args: argparse.Namespace, ws: Path) -> int:
     print(report.read_text(), end="")
     print(f"done in {time.time() - started:.0f} s; report {ws / 'eval' / 'report.json'}, "
           f"open-ended answers {ws / 'eval' / 'open_ended.jsonl'}, logs {logs}")
+    ask = ["ask", str(ws / "exports" / "stage2"), "VIDEO", "QUESTION", "--encoder", str(ws / "vision"),
+           "--explain", "why.png"]
+    print(f"ask the model about a video: {_shown(ask)}")
     return 0
 
 
