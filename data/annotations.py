@@ -14,17 +14,22 @@ row. Formats (`auto` looks at the first item's fields):
   "answer": "B", "question_type": [...], "time_reference"}]}.
 
 Multiple-choice items become {"id", "question", "options" (no letter prefixes), "answer" (index or
-None), "type", "duration_bucket", "time_reference"}. A malformed item raises AnnotationError whose
-message is one line naming the file, the line or record, and the field.
+None), "type", "duration_bucket", "time_reference"}; a question without an id (MLVU has none) gets
+"<file name>:<record/line/row>[:part]", stable across runs, and a warning per file says so. A
+malformed item raises AnnotationError whose message is one line naming the file, the line or
+record, and the field. Text files are UTF-8, or UTF-16/32 with a byte-order mark.
 """
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+log = logging.getLogger(__name__)
 VIDEO_TOKEN = "<video>"
 FORMATS = ("auto", "llava", "videomme", "mlvu", "lvbench")
 _PLACEHOLDERS = ("<image>", VIDEO_TOKEN)
@@ -84,42 +89,71 @@ class _Ctx:
 def _short(value: Any) -> str:
     if value is None:
         return "nothing"
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value, ensure_ascii=False, default=str)  # Parquet cells may be dates, bytes
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_records(path: str | Path) -> Iterator[tuple[_Ctx, dict]]:
+def decode_text(path: Path, raw: bytes) -> str:
+    """Annotation bytes as text: UTF-8 (a BOM is dropped), or UTF-16/32 when a BOM says so."""
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                       (codecs.BOM_UTF16_BE, "utf-16")):
+        if raw.startswith(bom):
+            break
+    else:
+        codec = "utf-8"
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not {codec.upper()} text (byte {err.start}: {err.reason}); "
+                              "save it as UTF-8") from None
+
+
+def _json(text: str):
+    """json.loads, with a structure nested past Python's recursion limit as a ValueError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_records(path: str | Path) -> Iterator[tuple[_Ctx, dict | AnnotationError]]:
     """Each object of a JSON list, JSONL or Parquet file, with its location ('line N', 'record N'
-    or 'row N')."""
+    or 'row N'). A line or element that is not an object comes as an AnnotationError in place of
+    the record (the caller may skip it); a file that cannot be read at all raises one."""
     path = Path(path)
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
     if path.suffix == ".parquet":
         yield from _parquet_records(path)
         return
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    text = decode_text(path, path.read_bytes())
+    if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = _json(text)
         except json.JSONDecodeError as err:
             raise AnnotationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except ValueError as err:
+            raise AnnotationError(f"{path}: not valid JSON ({err})") from None
         for i, record in enumerate(records):
             ctx = _Ctx(path, f"record {i}")
-            if not isinstance(record, dict):
-                raise AnnotationError(f"{path}:record {i}: expected a JSON object, got {_short(record)}")
-            yield ctx, record
+            yield ctx, record if isinstance(record, dict) else \
+                AnnotationError(f"{path}:record {i}: expected a JSON object, got {_short(record)}")
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        ctx = _Ctx(path, f"line {lineno}")
         try:
-            record = json.loads(line)
+            record = _json(line)
         except json.JSONDecodeError as err:
-            raise AnnotationError(f"{path}:line {lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise AnnotationError(f"{path}:line {lineno}: expected a JSON object, got {_short(record)}")
-        yield _Ctx(path, f"line {lineno}"), record
+            yield ctx, AnnotationError(f"{path}:line {lineno}: not valid JSON ({err.msg})")
+            continue
+        except ValueError as err:
+            yield ctx, AnnotationError(f"{path}:line {lineno}: not valid JSON ({err})")
+            continue
+        yield ctx, record if isinstance(record, dict) else \
+            AnnotationError(f"{path}:line {lineno}: expected a JSON object, got {_short(record)}")
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[_Ctx, dict]]:
@@ -156,24 +190,43 @@ def parse_file(path: str | Path, fmt: str = "auto",
                on_error: Callable[[AnnotationError], None] | None = None) -> list[VideoItem]:
     """All items of one annotation file, in file order (one per record; grouping is the caller's).
 
-    A malformed record raises AnnotationError, or, with `on_error`, is passed to it and skipped.
+    A malformed record raises AnnotationError, or, with `on_error`, is passed to it and skipped;
+    a file that cannot be read at all (not UTF-8/16/32 text, a JSON list with a syntax error) is
+    passed to `on_error` whole. Questions without an id get one derived from file and location
+    ("mlvu.json:record 12"), stable across runs, and one warning per file says how many.
     """
     if fmt not in FORMATS:
         raise AnnotationError(f"{path}: unknown annotation format {fmt!r}; expected one of {FORMATS}")
-    items = []
-    for ctx, record in read_records(path):
-        if fmt == "auto":
-            fmt = detect_format(record) or ""
-            if not fmt:
-                raise AnnotationError(f"{ctx.path}:{ctx.where}: cannot tell the format from fields "
-                                      f"{sorted(record)[:8]}; pass --format")
-        try:
-            items.extend(PARSERS[fmt](ctx, record))
-        except AnnotationError as err:
-            if on_error is None:
-                raise
-            on_error(err)
+    items: list[VideoItem] = []
+    try:
+        for ctx, record in read_records(path):
+            try:
+                if isinstance(record, AnnotationError):
+                    raise record
+                if fmt == "auto":
+                    fmt = _detect(ctx, record)
+                items.extend(PARSERS[fmt](ctx, record))
+            except AnnotationError as err:
+                if on_error is None:
+                    raise
+                on_error(err)
+    except AnnotationError as err:  # the file as a whole
+        if on_error is None:
+            raise
+        on_error(err)
+    derived = [q["id"] for item in items for q in item.qa if q.pop("id_derived", False)]
+    if derived:
+        log.warning("%s: %d question(s) without an id; ids derived from file and location (e.g. %r)",
+                    path, len(derived), derived[0])
     return items
+
+
+def _detect(ctx: _Ctx, record: dict) -> str:
+    fmt = detect_format(record)
+    if fmt is None:
+        raise AnnotationError(f"{ctx.path}:{ctx.where}: cannot tell the format from fields "
+                              f"{sorted(map(str, record))[:8]}; pass --format")
+    return fmt
 
 
 def _conversation(ctx: _Ctx, turns: Any, name: str) -> list[dict]:
@@ -254,11 +307,17 @@ def strip_letters(ctx: _Ctx, options: Any, name: str, *, prefixed: bool) -> list
     return out
 
 
-def _qa(*, id: Any, question: str, options: list[str], answer: int | None, type: Any = None,
-        duration_bucket: Any = None, time_reference: Any = None) -> dict:
+def _qa(ctx: _Ctx, *, id: Any, question: str, options: list[str], answer: int | None, type: Any = None,
+        duration_bucket: Any = None, time_reference: Any = None, part: str = "") -> dict:
+    """A normalised question. Without an id (MLVU publishes none), one is derived from where the
+    question is, "file.json:record 12[:questions[1]]": unique within a run and stable across runs,
+    so eval, which keys predictions by id, never meets a missing one."""
     if isinstance(type, list):
         type = ", ".join(str(t) for t in type)
-    return {"id": None if id is None else str(id), "question": question.strip(), "options": options,
+    derived = id is None or str(id).strip() == ""
+    if derived:
+        id = f"{ctx.path.name}:{ctx.where}" + (f":{part}" if part else "")
+    return {"id": str(id), "id_derived": derived, "question": question.strip(), "options": options,
             "answer": answer, "type": None if type is None else str(type),
             "duration_bucket": None if duration_bucket is None else str(duration_bucket),
             "time_reference": None if time_reference in (None, "") else str(time_reference)}
@@ -266,7 +325,8 @@ def _qa(*, id: Any, question: str, options: list[str], answer: int | None, type:
 
 def _videomme_question(ctx: _Ctx, q: dict, prefix: str) -> dict:
     options = strip_letters(ctx, q.get("options"), f"{prefix}options", prefixed=True)
-    return _qa(id=q.get("question_id"), question=ctx.get(q, "question", str, prefix=prefix), options=options,
+    return _qa(ctx, id=q.get("question_id"), question=ctx.get(q, "question", str, prefix=prefix), options=options,
+               part=prefix.rstrip("."),
                answer=answer_index(ctx, q.get("answer"), options, f"{prefix}answer"),
                type=q.get("task_type"), duration_bucket=q.get("duration"))
 
@@ -289,7 +349,7 @@ def _parse_mlvu(ctx: _Ctx, record: dict) -> list[VideoItem]:
     video = ctx.get(record, "video", str)
     options = strip_letters(ctx, record.get("candidates"), "candidates", prefixed=False)
     duration = ctx.get(record, "duration", (int, float), optional=True)
-    qa = _qa(id=record.get("question_id"), question=ctx.get(record, "question", str), options=options,
+    qa = _qa(ctx, id=record.get("question_id"), question=ctx.get(record, "question", str), options=options,
              answer=answer_index(ctx, record.get("answer"), options, "answer"),
              type=record.get("question_type"))
     return [VideoItem(video=video, where=ctx.location, qa=[qa], duration=duration)]
@@ -321,7 +381,7 @@ def _parse_lvbench(ctx: _Ctx, record: dict) -> list[VideoItem]:
             raise ctx.fail(f"qa[{i}]", "an object", entry)
         text = ctx.get(entry, "question", str, prefix=f"qa[{i}].")
         question, options = _split_lvbench_question(ctx, text, f"qa[{i}].question")
-        qa.append(_qa(id=entry.get("uid"), question=question, options=options,
+        qa.append(_qa(ctx, id=entry.get("uid"), question=question, options=options, part=f"qa[{i}]",
                       answer=answer_index(ctx, entry.get("answer"), options, f"qa[{i}].answer"),
                       type=entry.get("question_type"), time_reference=entry.get("time_reference")))
     info = record.get("video_info") if isinstance(record.get("video_info"), dict) else {}

@@ -32,9 +32,18 @@ examples:
   srun -n 8 mambamia convert --annotations mlvu/*.json --videos /data/mlvu --encoder ENC --out OUT
   mambamia convert --merge-only OUT
 
-A rerun after a kill skips the videos in complete shards and rewrites the unfinished one. Failures
-go to OUT/failures-rNNNNN.jsonl. Exit codes: 0 done (some failures allowed), 1 nothing could be
-converted, 2 bad arguments or annotations, 85 stopped by SIGUSR1/SIGTERM with its shards complete.
+A rerun after a kill skips the videos in complete shards and rewrites the unfinished one (and sets
+aside, as NAME.tar.damaged, a complete shard found cut short, converting its videos again). A video
+that cannot be converted (missing, undecodable, a path outside --videos/--features, a name the file
+system refuses) is a line in OUT/failures-rNNNNN.jsonl, appended as it happens, and the run goes on.
+Questions without an id (MLVU) get "<file>:<record or line>" as their id, with a warning.
+
+Exit codes:
+  0   done (some failures allowed; see the failures file)
+  1   nothing could be converted (every video of this slice failed)
+  2   bad arguments, annotations or shards: one line on stderr naming the file, row and field
+      (--skip-bad-annotations logs bad annotation records and files as failures instead)
+  85  stopped by SIGUSR1/SIGTERM with its shards complete: rerun to continue
 """
 
 # Exit code of a rank that stopped early on SIGUSR1/SIGTERM with its shards complete: the trainer's
@@ -157,6 +166,8 @@ def _run(args, items: dict[str, VideoItem], *, videos_root: str | None, features
         summary = convert(items, config, progress=not args.no_progress, failures=failures,
                           should_stop=stop_requested)
     print(summary.line())
+    if videos_root is not None and summary.ok:
+        print(summary.sampling_line(config.sampling))
     if summary.failed:
         print(f"failures: {Path(args.out) / f'failures-r{rank:05d}.jsonl'}")
     if summary.interrupted:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data.annotations import VideoItem
 from data.shards import ShardWriter, write_index
-from data.video import CorruptVideo, SamplingConfig, decode_video
+from data.video import CorruptVideo, DecodedVideo, SamplingConfig, decode_video
 
 if TYPE_CHECKING:  # torch is imported only when a vision encoder is actually used
     from data.extract import EncoderConfig
@@ -83,12 +83,25 @@ class Summary:
     seconds: float = 0.0
     interrupted: bool = False
     """Stopped early on request (SIGUSR1/SIGTERM): the shards written so far are complete."""
+    capped: int = 0
+    """Videos the requested fps would give more than max_frames frames: max_frames spread evenly."""
+    merged: int = 0
+    """Videos with fewer frames than sample times: several times fell on one source frame."""
 
     def line(self, who: str | None = None) -> str:
         who = who or f"rank {self.rank}/{self.world_size}"
         return (f"{who}: ok {self.ok}, failed {self.failed}, "
                 f"skipped {self.skipped} (already done), samples {self.samples}, "
                 f"bytes {self.bytes} ({self.bytes / 1e6:.1f} MB), time {self.seconds:.1f} s")
+
+    def sampling_line(self, sampling: SamplingConfig) -> str:
+        """What the frame sampling did in this run, in one line."""
+        at_rate = self.ok - self.capped
+        return (f"frames: {at_rate} video(s) at the requested {sampling.fps:g} fps (up to "
+                f"{sampling.max_frames} frames: {sampling.max_frames / sampling.fps:.1f} s); {self.capped} "
+                f"longer one(s) got {sampling.max_frames} frames spread evenly over the video; "
+                f"{self.merged} got fewer frames than sample times (a source with fewer frames per "
+                "second than asked: each source frame kept once)")
 
 
 class ItemFailed(Exception):
@@ -99,6 +112,10 @@ class ItemFailed(Exception):
         self.file = file
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
 def make_key(video: str) -> str:
     """A shard key for a video path: readable, webdataset-safe, unique (a hash of the full path)."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(video)[0]).strip("_")[-60:] or "video"
@@ -106,7 +123,16 @@ def make_key(video: str) -> str:
 
 
 def group_items(items: list[VideoItem]) -> dict[str, VideoItem]:
-    """key -> one item per video: its conversations and questions from every file merged."""
+    """key -> one item per video: its conversations and questions from every file merged.
+
+    A question id used twice is refused here, naming both places: eval keys its predictions by id
+    and would otherwise stop on it three commands later."""
+    owner: dict[str, str] = {}
+    for item in items:
+        for q in item.qa:
+            if q["id"] in owner:
+                raise ValueError(f"question id {q['id']!r} is used twice: {owner[q['id']]} and {item.where}")
+            owner[q["id"]] = item.where
     grouped: dict[str, VideoItem] = {}
     for item in items:
         video = os.path.normpath(item.video)  # "./a.mp4" and "a.mp4" are one video
@@ -121,6 +147,19 @@ def group_items(items: list[VideoItem]) -> dict[str, VideoItem]:
 
 def rank_slice(keys: list[str], rank: int, world_size: int) -> list[str]:
     return sorted(keys)[rank::world_size]
+
+
+def outside_root(video: str) -> str | None:
+    """Why the annotation's video path does not name a file inside the root, or None. Checked on
+    the path as written: symlinks inside the root, placed there by its owner, are followed."""
+    if "\0" in video:
+        return "contains a NUL byte"
+    norm = os.path.normpath(video)
+    if os.path.isabs(norm):
+        return "is an absolute path; expected a path relative to the root"
+    if norm in (".", "..") or norm.startswith("../"):
+        return "leads outside the root ('..')"
+    return None
 
 
 def resolve(root: Path, video: str, exts: tuple[str, ...]) -> Path | None:
@@ -198,6 +237,16 @@ class Converter:
         """Runs in a worker thread: decode the video or read the feature file."""
         cfg = self.config
         root = Path(cfg.videos_root or cfg.features_root)
+        problem = outside_root(item.video)
+        if problem is not None:
+            raise ItemFailed(item.video, f"refused: the path {problem}")
+        try:
+            return self._prepare(root, item)
+        except OSError as err:  # a name too long for the file system, a permission, an I/O error
+            raise ItemFailed(str(root / item.video), f"cannot read: {_one_line(err)}") from None
+
+    def _prepare(self, root: Path, item: VideoItem):
+        cfg = self.config
         exts = VIDEO_EXTS if cfg.videos_root is not None else FEATURE_EXTS
         path = resolve(root, item.video, exts)
         if path is None:
@@ -211,7 +260,7 @@ class Converter:
             features, timestamps = load_feature_file(path)
             return path, (check_features(features, timestamps), timestamps)
         except Exception as err:  # numpy / safetensors / torch each raise their own types
-            raise ItemFailed(str(path), f"bad feature file: {' '.join(str(err).split())[:300]}") from None
+            raise ItemFailed(str(path), f"bad feature file: {_one_line(err)}") from None
 
     def finish(self, key: str, item: VideoItem, path: Path, prepared) -> tuple[np.ndarray, dict]:
         """Runs in the main thread (the encoder is not shared between threads)."""
@@ -220,7 +269,7 @@ class Converter:
             features = self.encoder(prepared.frames)
             timestamps, duration = prepared.timestamps, prepared.duration
             encoder, layer = self.encoder.name, cfg.encoder.layer
-            fps = min(cfg.sampling.fps, cfg.sampling.max_frames / duration) if duration > 0 else cfg.sampling.fps
+            fps = cfg.sampling.max_frames / duration if prepared.capped else cfg.sampling.fps
         else:
             features, timestamps = prepared
             fps = cfg.sampling.fps
@@ -280,13 +329,35 @@ def summary_path(out_dir: Path, rank: int) -> Path:
     return out_dir / f"summary-r{rank:05d}.json"
 
 
+class FailureLog:
+    """This rank's failures file, one JSON line appended and flushed per failed video, so an
+    unexpected error later in the run loses none of them. Each run starts it afresh: a rerun
+    retries every video that failed before."""
+
+    def __init__(self, path: Path, earlier: list[dict]):
+        self.file = open(path, "w", encoding="utf-8")
+        for entry in earlier:
+            self.add(entry)
+
+    def add(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def __enter__(self) -> FailureLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
 def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: bool = True,
             failures: list[dict] | None = None, should_stop: Callable[[], bool] | None = None) -> Summary:
     """Convert this rank's share of `items` (key -> item) into shards; returns the summary.
 
     `failures` may carry problems found before (skipped annotation records); they are counted and
-    written to this rank's failures file with the rest. When `should_stop()` turns true the loop
-    ends before the next video and the open shard is completed, so a rerun redoes nothing.
+    written to this rank's failures file with the rest, as they happen. When `should_stop()` turns
+    true the loop ends before the next video and the open shard is completed, so a rerun redoes
+    nothing; an unexpected error completes the open shard too (ShardWriter) before it propagates.
     """
     start = time.time()
     out_dir = Path(config.out_dir)
@@ -296,40 +367,51 @@ def convert(items: dict[str, VideoItem], config: ConvertConfig, *, progress: boo
     failures = list(failures or [])
     summary = Summary(rank=config.rank, world_size=config.world_size, run_id=config.run_id, failed=len(failures))
     keys = rank_slice(list(items), config.rank, config.world_size)
-    with ShardWriter(out_dir, prefix=config.prefix, rank=config.rank,
-                     max_samples=config.shard_samples, max_bytes=config.shard_bytes) as writer:
+    with FailureLog(out_dir / f"failures-r{config.rank:05d}.jsonl", failures) as failure_log, \
+            ShardWriter(out_dir, prefix=config.prefix, rank=config.rank,
+                        max_samples=config.shard_samples, max_bytes=config.shard_bytes) as writer:
         todo = [k for k in keys if k not in writer.done_keys]
         summary.skipped = len(keys) - len(todo)
-        converter = Converter(config) if todo else None
         bar = tqdm(total=len(todo), desc=f"convert rank {config.rank}", unit="video", disable=not progress)
-        work = _prefetch(lambda k: converter.prepare(items[k]), todo, config.decode_workers) if todo else []
-        for key, prepared, error in work:
-            if should_stop is not None and should_stop():
-                summary.interrupted = True
-                break
-            item = items[key]
-            if error is None:
-                try:
-                    features, meta = converter.finish(key, item, *prepared)
-                    writer.write(key, features, meta)
-                except ValueError as err:  # e.g. the encoder refusing a frame size
-                    error = ItemFailed(str(prepared[0]), " ".join(str(err).split())[:300])
-            if error is not None:
-                failures.append({"file": error.file, "reason": str(error), "key": key,
-                                 "video": item.video, "annotation": item.where})
-                summary.failed += 1
-            else:
-                summary.ok += 1
-                summary.samples += len(item.conversations) + len(item.qa)
-            bar.update(1)
-            bar.set_postfix(failed=summary.failed)
-        bar.close()
+        try:
+            _convert_todo(items, todo, config, writer, failure_log, summary, bar, should_stop)
+        finally:
+            bar.close()
     summary.bytes = writer.bytes_written
     summary.seconds = round(time.time() - start, 3)
-    _write_atomic(out_dir / f"failures-r{config.rank:05d}.jsonl",
-                  "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures))
     _write_atomic(summary_path(out_dir, config.rank), json.dumps(asdict(summary), indent=1))
     return summary
+
+
+def _convert_todo(items: dict[str, VideoItem], todo: list[str], config: ConvertConfig, writer: ShardWriter,
+                  failure_log: FailureLog, summary: Summary, bar, should_stop: Callable[[], bool] | None) -> None:
+    if not todo:
+        return
+    converter = Converter(config)
+    for key, prepared, error in _prefetch(lambda k: converter.prepare(items[k]), todo, config.decode_workers):
+        if should_stop is not None and should_stop():
+            summary.interrupted = True
+            break
+        item = items[key]
+        if error is None:
+            try:
+                features, meta = converter.finish(key, item, *prepared)
+                writer.write(key, features, meta)
+            except ValueError as err:  # e.g. the encoder refusing a frame size
+                error = ItemFailed(str(prepared[0]), _one_line(err))
+        if error is not None:
+            failure_log.add({"file": error.file, "reason": str(error), "key": key,
+                             "video": item.video, "annotation": item.where})
+            summary.failed += 1
+        else:
+            summary.ok += 1
+            summary.samples += len(item.conversations) + len(item.qa)
+            decoded = prepared[1]
+            if isinstance(decoded, DecodedVideo):
+                summary.capped += decoded.capped
+                summary.merged += len(decoded.timestamps) < decoded.targets
+        bar.update(1)
+        bar.set_postfix(failed=summary.failed)
 
 
 def merge(out_dir: str | Path, *, world_size: int | None = None, wait_s: float = 0.0,

@@ -60,17 +60,35 @@ class DecodedVideo:
     timestamps: np.ndarray  # float64 [N], seconds
     duration: float  # seconds, from the container
     backend: str
+    targets: int = 0
+    """Sample times asked for (`sample_timestamps`): more than len(frames) when several fell on
+    the same source frame (a source with fewer frames per second than asked)."""
+    capped: bool = False
+    """The rate asked for more than max_frames: max_frames were spread over the whole video."""
 
 
 class CorruptVideo(Exception):
     """The file cannot be decoded (missing, unreadable, truncated, no video stream)."""
 
 
+# A sample closer to the end of the video than this fraction of the sampling interval is the
+# rounding of a rate typed with a few decimals (120 s x 1.066667 fps = 128.00004 frames), not a
+# frame the user asked for: it is not counted, so 128 frames at the requested rate fit the cap.
+_END_SLACK = 1e-3
+
+
+def frames_wanted(duration: float, fps: float) -> int:
+    """Frames at `fps` over `duration` seconds: one at 0, 1/fps, ... before the end."""
+    if duration <= 0:
+        return 1
+    return max(1, math.ceil(duration * fps - _END_SLACK))
+
+
 def sample_timestamps(duration: float, fps: float, max_frames: int) -> np.ndarray:
     """Target times in seconds: every 1/fps, or `max_frames` uniform ones when fps asks for more."""
     if duration <= 0:
         return np.zeros(1)
-    wanted = max(1, math.ceil(duration * fps - 1e-9))
+    wanted = frames_wanted(duration, fps)
     if wanted <= max_frames:
         return np.arange(wanted) / fps
     return np.linspace(0.0, duration, max_frames, endpoint=False)
@@ -143,7 +161,8 @@ def _decode_decord(path: Path, config: SamplingConfig) -> DecodedVideo:
     # decord reads through the index; a file whose data was cut makes get_batch raise, which the
     # caller turns into a PyAV retry (and PyAV's short-read check).
     frames = reader.get_batch(indices.tolist()).asnumpy()
-    return DecodedVideo(frames=frames, timestamps=starts[indices], duration=duration, backend="decord")
+    return DecodedVideo(frames=frames, timestamps=starts[indices], duration=duration, backend="decord",
+                        targets=len(targets), capped=frames_wanted(duration, config.fps) > config.max_frames)
 
 
 def _decode_pyav(path: Path, config: SamplingConfig) -> DecodedVideo:
@@ -167,7 +186,8 @@ def _decode_pyav(path: Path, config: SamplingConfig) -> DecodedVideo:
     if decoded_end < config.min_decoded_fraction * duration:
         raise CorruptVideo(f"short read: frames end at {decoded_end:.2f}s of a {duration:.2f}s container")
     return DecodedVideo(frames=np.stack(frames), timestamps=np.asarray(times), duration=duration,
-                        backend="pyav")
+                        backend="pyav", targets=len(targets),
+                        capped=frames_wanted(duration, config.fps) > config.max_frames)
 
 
 def _container_duration(container, stream) -> float | None:
