@@ -20,7 +20,7 @@ TAA outputs it shapes, as in the paper.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,8 +30,9 @@ from model.config import CompressorConfig
 from model.gpa import MambaMiaBlock, QueryStage
 
 
-@dataclass(kw_only=True)
-class CompressorOutput:
+class CompressorOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output
+    # for its backward pass only when it can see them (tuples, lists, dicts), and warns otherwise.
     tokens: list[torch.Tensor]
     """Per sample [N_b, T, hidden]: T tokens for each of the N_b kept frames, in temporal order."""
     kept: list[torch.Tensor]

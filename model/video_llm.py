@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -57,8 +58,9 @@ def resolve_video_token_id(tokenizer, config: VideoLLMConfig) -> int:
     return ids[0]
 
 
-@dataclass(kw_only=True)
-class VideoLLMOutput:
+class VideoLLMOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 hooks the tensors of a module's output
+    # for its backward pass only when it can see them (tuples, lists, dicts), and warns otherwise.
     loss: torch.Tensor | None
     """Mean next-token cross-entropy over labels != -100 (None without labels)."""
     logits: torch.Tensor

@@ -148,6 +148,9 @@ def _run_rank(target: Callable[[list[str]], int], argv: list[str], env: dict[str
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # Python-level streams too: under pytest they are capture objects, not file descriptors 1, 2.
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
     code = 1
     try:
         code = int(target(argv) or 0)

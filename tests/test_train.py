@@ -89,7 +89,7 @@ def _worker(spec_path: str) -> int:
         out = forward(self, *args, **kwargs)
         calls["n"] += 1
         if self.training and calls["n"] > nan["after_calls"]:
-            out.loss = out.loss * float("nan")
+            out = out._replace(loss=out.loss * float("nan"))
         return out
 
     VideoLLM.forward = nan_after
@@ -291,10 +291,52 @@ def test_init_from_loads_the_previous_stage_export_into_this_stage_model(tiny_as
     assert "\n" not in str(err.value)
 
 
-def test_config_errors_exit_1_with_one_line(capsys, monkeypatch):
+def test_config_errors_exit_2_with_one_line(capsys, monkeypatch):
     from trainer.train import main
 
     monkeypatch.setenv("MAMBAMIA_TINY", "/nonexistent")
-    assert main([TINY_STAGE1, "parallel.zero_stage=5"]) == 1
+    assert main([TINY_STAGE1, "parallel.zero_stage=5"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "mambamia train: parallel.zero_stage: expected one of [1, 2, 3], got 5"
+    # Nonsense values are refused at load, before anything runs (issue 18.9).
+    assert main([TINY_STAGE1, "optimizer.lr=.nan"]) == 2
+    assert capsys.readouterr().err.strip() == "mambamia train: optimizer.lr: expected a finite number >= 0, got nan"
+
+
+def test_help_documents_exit_codes(capsys):
+    from trainer.export import main as export_main
+    from trainer.train import main
+
+    for command in (main, export_main):
+        with pytest.raises(SystemExit) as exited:
+            command(["--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert "exit codes" in text and "4 " in text and "unexpected error" in text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {code} " in text for code in (0, 1, 2, 3, 4, 5, 85))
+
+
+def _train_in_run_dir(argv: list[str]) -> int:
+    """A forked rank (tests.ckpt_worker.launch): `mambamia train` of the tiny stage 1 in RUN_DIR."""
+    from trainer.train import main
+
+    return main([TINY_STAGE1, f"run_dir={argv[0]}", *argv[1:]])
+
+
+def test_missing_index_is_a_one_line_data_error(tiny_assets, tmp_path):
+    """Issue 18.10: exit 3 and one line naming the file, not the loader's traceback."""
+    from tests.ckpt_worker import launch
+
+    root = make_tiny_root(tmp_path / "tiny", Path(tiny_assets["llm"]), train=4, val=2)
+    (root / "shards" / "train" / "index.json").unlink()
+    run = tmp_path / "run"
+    assert launch(run, 1, "logging.tensorboard=false", target=_train_in_run_dir,
+                  env={"MAMBAMIA_TINY": str(root)}) == [3]
+    log = next(run.glob("rank0.*.out")).read_text()
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if line.startswith("mambamia train:")]
+    assert len(errors) == 1, log[-2000:]
+    assert errors[0].startswith(f"mambamia train: data: {root}/shards/train/index.json: ")

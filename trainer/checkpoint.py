@@ -12,6 +12,16 @@ renames the folder to `<step>/`, then replaces `latest` (temp + rename), then pr
 A crash at any moment therefore leaves `latest` naming a complete folder; the leftovers of the
 interrupted save are removed by the next `load`. All ranks must see the same file system.
 
+The marker also lists every file of the folder with its size, and the resolved config. Before a
+resume, rank 0 verifies the checkpoint `latest` names: marker readable, every listed file present
+with its recorded size, every `.pt` loadable as tensors and plain data. A damaged one (truncated or
+missing file, unreadable marker) is skipped with a one-line warning and the previous complete step
+is used; if step folders exist but none is usable, the load stops with one line (`CheckpointError`)
+rather than silently starting afresh over them.
+
+Nothing from a checkpoint runs code: every `torch.load` on the way, DeepSpeed's included, is forced
+to `weights_only=True` (`weights_only_loads`).
+
     ckpt = Checkpointer(run_dir, keep_last=3)
     client = ckpt.load(engine)                      # None on a fresh run
     ...
@@ -21,6 +31,7 @@ interrupted save are removed by the next `load`. All ranks must see the same fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +42,7 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -52,6 +64,14 @@ CRASH_IN_SAVE_ENV = "MAMBAMIA_TEST_CRASH_IN_SAVE"
 _UNIVERSAL_INFO_KEY = "universal_checkpoint_info"
 
 _STEP_DIR = re.compile(r"^(\d+)$")
+# The rank-0 module-states file: one for ZeRO-0/1/2 (and pipeline stage 0), one per rank for ZeRO-3.
+RANK0_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (damaged, incomplete, unsafe); the message names the file."""
 # Everything `_remove_leftovers` may delete: step folders and what saves, conversions (DeepSpeed's
 # converter writes `latest_universal`) and `latest` updates leave behind.
 _OURS = re.compile(r"^(\d+)(\.partial|_universal|_universal\.partial)?$|^latest\.tmp\.\d+$"
@@ -69,6 +89,56 @@ def _world_size() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _allow_deepspeed_data_classes() -> None:
+    """Let `weights_only` loads rebuild the three DeepSpeed classes its optimizer-state files pickle.
+
+    Each only holds numbers and defines no unpickling hook of its own (`__setstate__`,
+    `__reduce__`), so rebuilding one sets attributes and runs nothing the file chooses:
+    `fragment_address` (a dataclass of two ints), `ZeroStageEnum` (an int Enum) and `LossScaler`
+    (the static loss scale). Found with `torch.serialization.get_unsafe_globals_in_checkpoint` on
+    ZeRO-1/2/3 checkpoints, fp32 and bf16, of deepspeed 0.19.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    torch.serialization.add_safe_globals([fragment_address, ZeroStageEnum, LossScaler])
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside runs with `weights_only=True`, even where the caller asks for False.
+
+    DeepSpeed's checkpoint engine, its ZeRO readers, `zero_to_fp32` and `ds_to_universal` all call
+    `torch.load(..., weights_only=False)`. torch's `TORCH_FORCE_WEIGHTS_ONLY_LOAD`, read at every
+    call, overrides that argument, so one switch covers every loader on the way without patching
+    DeepSpeed (a replaced checkpoint engine would only cover the engine's own loads). A file that
+    needs anything beyond tensors, containers, numbers and strings then fails to load instead of
+    running code.
+    """
+    _allow_deepspeed_data_classes()
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+def safe_load(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """`torch.load` of a checkpoint file on the CPU, tensors and plain data only."""
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -171,13 +241,14 @@ class Checkpointer:
 
     def _read_latest(self) -> str | None:
         path = self.root / LATEST
-        return path.read_text().strip() if path.is_file() else None
+        return path.read_bytes().decode(errors="replace").strip() if path.is_file() else None
 
     def latest_step(self) -> int | None:
-        """The step `latest` names, if its folder is complete; else the newest complete step.
+        """The step `latest` names, if its folder has a marker; else the newest such step.
 
         `latest` stays authoritative over newer complete folders: it is what a person edits to
         roll a run back, and a folder it does not name may be from an abandoned trajectory.
+        Cheap (no file is verified); `resume_step` is what a resume and an export use.
         """
         complete = self.complete_steps()
         text = self._read_latest()
@@ -185,12 +256,71 @@ class Checkpointer:
             if text.isdigit() and int(text) in complete:
                 return int(text)
             log.warning("%s names %r, which is not a complete checkpoint; using the newest complete "
-                        "one instead", self.root / LATEST, text)
+                        "one instead", self.root / LATEST, text[:40])
         return complete[-1] if complete else None
 
     def info(self, step: int) -> dict[str, Any]:
-        """The marker of a complete checkpoint: step, world_size, zero_stage, code_version, saved_at."""
-        return json.loads((self.root / str(step) / MARKER).read_text())
+        """The marker of a checkpoint: step, world_size, zero_stage, code_version, saved_at, files
+        (name -> bytes), config (the resolved run config); raises CheckpointError if unreadable."""
+        return _read_marker(self.root / str(step), step)
+
+    def verify(self, step: int) -> dict[str, Any]:
+        """The marker of checkpoint `step` once its files check out; CheckpointError naming the
+        first problem otherwise (unreadable marker, missing or resized file, a `.pt` that does not
+        load as tensors and plain data)."""
+        folder = self.root / str(step)
+        marker = _read_marker(folder, step)
+        files = marker.get("files")
+        if files is None:  # written before markers listed their files
+            _check_layout(folder)
+        else:
+            _check_manifest(folder, files)
+        _check_loadable(folder)
+        return marker
+
+    def resume_step(self, step: int | None = None) -> int | None:
+        """The step to resume or export from: `step` if given, else the one `latest` names, falling
+        back to older ones, newest first, past damaged ones (one warning line each).
+
+        None when there is no step folder at all. CheckpointError when `step` is not usable, or
+        when step folders exist and none is: starting afresh would overwrite them.
+        """
+        if step is not None:
+            self.verify(step)
+            return step
+        candidates = self._candidates()
+        problems = []
+        for candidate in candidates:
+            try:
+                self.verify(candidate)
+            except CheckpointError as err:
+                problems.append(f"{candidate}: {err}")
+                log.warning("checkpoint %d is not usable, trying the previous one: %s", candidate, err)
+                continue
+            if problems:
+                log.warning("resuming from checkpoint %d, the newest complete one before %s",
+                            candidate, candidates[0])
+            return candidate
+        if candidates:
+            raise CheckpointError(f"{self.root}: no usable checkpoint among steps {candidates} "
+                                  f"(newest: {problems[0]}); move the folder away to start afresh")
+        return None
+
+    def _candidates(self) -> list[int]:
+        """Step folders to try: the one `latest` names, then older ones, newest first (all of them,
+        newest first, without a readable `latest`)."""
+        if not self.root.is_dir():
+            return []
+        steps = sorted((int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))),
+                       reverse=True)
+        text = self._read_latest()
+        if text is not None and text.isdigit() and int(text) in steps:
+            named = int(text)
+            return [named] + [s for s in steps if s < named]
+        if text is not None:
+            log.warning("%s names %r, which is not a checkpoint folder; trying the newest ones",
+                        self.root / LATEST, text[:40])
+        return steps
 
     # ------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
@@ -227,55 +357,92 @@ class Checkpointer:
                       "zero_stage": int(engine.zero_optimization_stage()),
                       "code_version": client_state.get("code_version") or code_version(),
                       "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "save_seconds": round(time.perf_counter() - started, 3)}
+                      "save_seconds": round(time.perf_counter() - started, 3),
+                      "files": _manifest(self.root / tag), "config": client_state.get("config")}
             _write_atomic(self.root / tag / MARKER, json.dumps(marker, indent=1) + "\n")
             os.replace(self.root / tag, final)
             _fsync(self.root)
             _write_atomic(self.root / LATEST, f"{step}\n")
-            self._prune(keep={step})
+            self._prune(keep=step)
         _barrier()
         return final
 
-    def _prune(self, keep: set[int]) -> None:
+    def _prune(self, keep: int) -> None:
+        """Keep `keep` and the newest `keep_last` steps whose files are all there (sizes checked,
+        nothing loaded); remove other step folders, damaged ones older than `keep` included."""
         steps = self.complete_steps()
-        keep = keep | set(steps[-self.keep_last:])
+        intact = []
         for step in steps:
-            if step not in keep:
+            try:
+                _check_manifest(self.root / str(step), _read_marker(self.root / str(step), step).get("files") or {})
+                intact.append(step)
+            except CheckpointError:
+                pass
+        kept = {keep} | set(intact[-self.keep_last:])
+        for step in steps:
+            if step not in kept and (step in intact or step < keep):
                 _remove_checkpoint(self.root / str(step))
                 _remove_checkpoint(self.root / f"{step}{UNIVERSAL_SUFFIX}")
 
     # ------------------------------------------------------------------ load
-    def load(self, engine) -> dict[str, Any] | None:
-        """Collective: load the step `latest` names into `engine`; returns its client state.
+    def resume_point(self) -> dict[str, Any] | None:
+        """Collective: the verified marker of the checkpoint to resume from, None on a fresh run.
 
-        None when the run folder has no complete checkpoint. A checkpoint written by another
-        number of ranks or under another ZeRO stage (0-2 among themselves; 3 only to 3) goes
-        through DeepSpeed's universal format (converted once, on rank 0, kept as `<step>_universal/`).
+        Rank 0 removes what interrupted saves left, picks and verifies the step (`resume_step`)
+        and broadcasts its decision, so every rank loads the same step or raises the same
+        CheckpointError.
         """
+        decision: list[Any] = [None]
         if _rank() == 0:
-            self._remove_leftovers()
-        _barrier()
-        step = self.latest_step()
-        if step is None:
-            return None
-        info = self.info(step)
-        saved = (int(info["world_size"]), int(info["zero_stage"]))
+            try:
+                self._remove_leftovers()
+                step = self.resume_step()
+                decision = [("ok", None if step is None else self.info(step))]
+            except CheckpointError as err:
+                decision = [("error", str(err))]
+        if _world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        kind, value = decision[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
+
+    def load(self, engine) -> dict[str, Any] | None:
+        """Collective: `resume_point` then `load_point`; None when there is nothing to resume."""
+        point = self.resume_point()
+        return None if point is None else self.load_point(engine, point)
+
+    def load_point(self, engine, point: dict[str, Any]) -> dict[str, Any]:
+        """Collective: load the checkpoint `point` (from `resume_point`) into `engine`; returns its
+        client state.
+
+        A checkpoint written by another number of ranks or under another ZeRO stage (0-2 among
+        themselves; 3 only to 3) goes through DeepSpeed's universal format (converted once, on
+        rank 0, kept as `<step>_universal/`).
+        """
+        step = int(point["step"])
+        saved = (int(point["world_size"]), int(point["zero_stage"]))
         now = (_world_size(), int(engine.zero_optimization_stage()))
         if (saved[1] == 3) != (now[1] == 3):
             # ZeRO-3 names and splits its model-state files per rank; DeepSpeed's universal load
             # does not translate between that layout and the single file of stages 0-2.
-            raise RuntimeError(f"{self.root / str(step)}: saved under ZeRO-{saved[1]}, this run uses "
-                               f"ZeRO-{now[1]}; resume with zero stage {saved[1]}, or start a new run "
-                               "from an export of this one (`mambamia export`, then init_from)")
-        if saved == now:
-            load_path, client = engine.load_checkpoint(str(self.root), tag=str(step))
-        else:
-            log.warning("checkpoint %d was written by %d ranks under ZeRO-%d, this run has %d under "
-                        "ZeRO-%d: loading it through DeepSpeed's universal checkpoint format",
-                        step, *saved, *now)
-            load_path, client = self._load_universal(engine, step)
+            raise CheckpointError(f"{self.root / str(step)}: saved under ZeRO-{saved[1]}, this run uses "
+                                  f"ZeRO-{now[1]}; resume with zero stage {saved[1]}, or start a new run "
+                                  "from an export of this one (`mambamia export`, then init_from)")
+        try:
+            with weights_only_loads():
+                if saved == now:
+                    load_path, client = engine.load_checkpoint(str(self.root), tag=str(step))
+                else:
+                    log.warning("checkpoint %d was written by %d ranks under ZeRO-%d, this run has %d "
+                                "under ZeRO-%d: loading it through DeepSpeed's universal checkpoint "
+                                "format", step, *saved, *now)
+                    load_path, client = self._load_universal(engine, step)
+        except Exception as err:  # whatever DeepSpeed met in files that passed `verify`
+            raise CheckpointError(f"{self.root / str(step)}: DeepSpeed could not load it "
+                                  f"({_first_line(err)})") from err
         if load_path is None:
-            raise RuntimeError(f"{self.root / str(step)}: DeepSpeed could not load this checkpoint")
+            raise CheckpointError(f"{self.root / str(step)}: DeepSpeed could not load this checkpoint")
         client = dict(client or {})
         client.pop(_UNIVERSAL_INFO_KEY, None)
         return client
@@ -296,7 +463,14 @@ class Checkpointer:
             config.load_universal_checkpoint = previous
 
     def _remove_leftovers(self) -> None:
-        """Delete what interrupted saves, conversions and prunes left; only names this class makes."""
+        """Delete what interrupted saves, conversions and prunes left; only names this class makes.
+
+        A `<step>/` folder without a marker is never published that way (the marker is written
+        before the rename), so it is what a prune leaves when interrupted between removing the
+        marker and the files, or a checkpoint whose marker was lost otherwise. Its files decide:
+        if every rank's files are there and load, it is complete and its marker is rewritten from
+        them; if not, it is the unfinished prune and is removed.
+        """
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
@@ -305,10 +479,109 @@ class Checkpointer:
                 continue
             if path.is_file():  # latest.tmp.<pid> (crash before its rename), latest_universal
                 path.unlink()
+            elif m.group(2) is None and not (path / MARKER).exists():
+                self._restore_or_remove(path, int(m.group(1)))
             elif m.group(2) in (PARTIAL_SUFFIX, f"{UNIVERSAL_SUFFIX}{PARTIAL_SUFFIX}") \
                     or not (path / MARKER).is_file():
                 log.warning("removing incomplete checkpoint folder %s", path)
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _restore_or_remove(self, folder: Path, step: int) -> None:
+        try:
+            marker = _marker_from_files(folder, step)
+        except CheckpointError as err:
+            log.warning("removing checkpoint folder %s: no completion marker and incomplete (%s)",
+                        folder, err)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        _write_atomic(folder / MARKER, json.dumps(marker, indent=1) + "\n")
+        log.warning("checkpoint %s had no completion marker; its files are complete (%d ranks, "
+                    "ZeRO-%d): marker rewritten", folder, marker["world_size"], marker["zero_stage"])
+
+
+def _read_marker(folder: Path, step: int) -> dict[str, Any]:
+    path = folder / MARKER
+    try:
+        marker = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no completion marker {MARKER}") from None
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: unreadable completion marker ({_first_line(err)})") from None
+    valid = (isinstance(marker, dict) and marker.get("step") == step
+             and type(marker.get("world_size")) is int and marker["world_size"] >= 1
+             and marker.get("zero_stage") in (0, 1, 2, 3)
+             and isinstance(marker.get("files", {}), dict))
+    if not valid:
+        raise CheckpointError(f"{path}: not a completion marker of step {step} (expected a JSON object "
+                              "with step, world_size, zero_stage, files)")
+    return marker
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    """Every file below `folder` (relative name -> bytes), the marker excepted."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def _check_manifest(folder: Path, files: dict[str, Any]) -> None:
+    for name, size in files.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or type(size) is not int:
+            raise CheckpointError(f"{folder / MARKER}: lists {name!r}: {size!r}, expected a file name "
+                                  "inside the folder and its size")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the completion marker lists it)")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the completion marker "
+                                  f"recorded {size} (truncated or replaced)")
+
+
+def _check_loadable(folder: Path) -> None:
+    """Every `.pt` file opens as tensors and plain data (memory-mapped: the pickle is read, the
+    tensor bytes are not), so truncated archives and unsafe pickles fail here, before DeepSpeed."""
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            safe_load(path, mmap=True)
+        except Exception as err:  # any failure means DeepSpeed could not load it either
+            raise CheckpointError(f"{path}: does not load as tensors and plain data "
+                                  f"({_first_line(err)})") from None
+
+
+def _check_layout(folder: Path) -> tuple[int, dict[str, Any]]:
+    """Without a file list: every rank's files must be there. Returns (ranks, rank-0 states).
+
+    Each process writes one optimizer-states file (`zero_pp_rank_<dp>_mp_rank_<mp>`); ZeRO-3 also
+    one model-states file per rank. The data-parallel size comes from the rank-0 model states.
+    """
+    names = [name for name in RANK0_MODEL_STATES if (folder / name).is_file()]
+    if not names:
+        raise CheckpointError(f"{folder}: no {' or '.join(RANK0_MODEL_STATES)}")
+    try:
+        states = safe_load(folder / names[0], mmap=True)
+        ranks, stage = int(states["dp_world_size"]), int(states["ds_config"]["zero_optimization"]["stage"])
+    except Exception as err:  # unloadable, or not DeepSpeed's layout
+        raise CheckpointError(f"{folder / names[0]}: not a DeepSpeed model-states file "
+                              f"({_first_line(err)})") from None
+    for rank in range(ranks):
+        wanted = [f"*zero_pp_rank_{rank}_mp_rank_*optim_states.pt"]
+        if stage == 3:
+            wanted.append(f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        for pattern in wanted:
+            if not any(folder.glob(pattern)):
+                raise CheckpointError(f"{folder}: rank {rank} of {ranks} wrote no {pattern}")
+    return len(list(folder.glob("*optim_states.pt"))), states
+
+
+def _marker_from_files(folder: Path, step: int) -> dict[str, Any]:
+    """The marker a complete folder would have had, rebuilt from its files (CheckpointError if
+    they are not complete)."""
+    _check_loadable(folder)
+    world_size, states = _check_layout(folder)
+    return {"step": step, "world_size": world_size,
+            "zero_stage": int(states["ds_config"]["zero_optimization"]["stage"]),
+            "code_version": states.get("code_version", "unknown"), "saved_at": None,
+            "restored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": _manifest(folder), "config": states.get("config")}
 
 
 def _universal_info() -> dict[str, Any]:
@@ -332,7 +605,9 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
     # The converter also points a `latest_universal` file at its output; loads here name the tag.
     (dst.parent / "latest_universal").unlink(missing_ok=True)
     _fsync_files(tmp)
-    shutil.copy2(src / MARKER, tmp / MARKER)
+    # The source's marker, less its file list (which names the source's files, not these).
+    marker = {k: v for k, v in json.loads((src / MARKER).read_text()).items() if k != "files"}
+    _write_atomic(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, dst)
     _fsync(dst.parent)
 

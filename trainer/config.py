@@ -11,6 +11,7 @@ dictionary turned into dataclasses, so an unknown key or a wrong type anywhere -
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -122,7 +123,8 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        """Checks that span several fields; per-field types were checked while building."""
+        """Value ranges and checks that span several fields; types were checked while building."""
+        _check_ranges(self)
         if not self.trainable:
             raise ConfigError("trainable: expected at least one module group, got []")
         for name in self.optimizer.group_lr:
@@ -130,16 +132,8 @@ class RunConfig:
                 raise ConfigError(f"optimizer.group_lr.{name}: not in trainable {self.trainable}")
         if (self.schedule.total_steps is None) == (self.schedule.epochs is None):
             raise ConfigError("schedule: give exactly one of total_steps and epochs")
-        if self.schedule.total_steps is not None and self.schedule.total_steps < 1:
-            raise ConfigError(f"schedule.total_steps: expected >= 1, got {self.schedule.total_steps}")
-        if not 0.0 <= self.schedule.warmup_ratio < 1.0:
-            raise ConfigError(f"schedule.warmup_ratio: expected in [0, 1), got {self.schedule.warmup_ratio}")
         if len(self.optimizer.betas) != 2:
             raise ConfigError(f"optimizer.betas: expected two numbers, got {self.optimizer.betas}")
-        if self.parallel.global_batch_size < 1:
-            raise ConfigError(f"parallel.global_batch_size: expected >= 1, got {self.parallel.global_batch_size}")
-        if self.parallel.pipeline_stages < 1:
-            raise ConfigError(f"parallel.pipeline_stages: expected >= 1, got {self.parallel.pipeline_stages}")
         if self.parallel.pipeline_stages > 1 and self.parallel.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage: {self.parallel.zero_stage} cannot be combined with "
                               "parallel.pipeline_stages > 1 (DeepSpeed's pipeline allows ZeRO-0/1 only)")
@@ -148,10 +142,49 @@ class RunConfig:
                               "parallel.pipeline_stages > 1")
         if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:
             raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3")
-        if self.checkpoint.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last: expected >= 1, got {self.checkpoint.keep_last}")
-        if self.max_nonfinite_steps < 0:
-            raise ConfigError(f"max_nonfinite_steps: expected >= 0, got {self.max_nonfinite_steps}")
+
+
+def _in_range(value: float | None, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False) -> bool:
+    """`value` finite and within [low, high] (an end excluded when open); None passes (unset)."""
+    if value is None:
+        return True
+    return (math.isfinite(value) and (value > low if low_open else value >= low)
+            and (value < high if high_open else value <= high))
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every number of the trainer's sections in its meaningful range, NaN and inf refused.
+
+    (key, value, low, high, low_open, high_open, what is expected); model.* and data.* check
+    their own fields in their dataclasses.
+    """
+    inf = math.inf
+    opt, sch = cfg.optimizer, cfg.schedule
+    checks = [
+        ("max_nonfinite_steps", cfg.max_nonfinite_steps, 0, inf, False, False, ">= 0"),
+        ("optimizer.lr", opt.lr, 0, inf, False, True, "a finite number >= 0"),
+        ("optimizer.weight_decay", opt.weight_decay, 0, inf, False, True, "a finite number >= 0"),
+        ("optimizer.eps", opt.eps, 0, inf, True, True, "a finite number > 0"),
+        ("optimizer.grad_clip", opt.grad_clip, 0, inf, False, True, "a finite number >= 0 (0: off)"),
+        *((f"optimizer.betas.{i}", b, 0, 1, False, True, "in [0, 1)") for i, b in enumerate(opt.betas)),
+        *((f"optimizer.group_lr.{k}", v, 0, inf, False, True, "a finite number >= 0")
+          for k, v in opt.group_lr.items()),
+        ("schedule.total_steps", sch.total_steps, 1, inf, False, False, ">= 1"),
+        ("schedule.epochs", sch.epochs, 0, inf, True, True, "a finite number > 0"),
+        ("schedule.warmup_ratio", sch.warmup_ratio, 0, 1, False, True, "in [0, 1)"),
+        ("schedule.min_lr_ratio", sch.min_lr_ratio, 0, 1, False, False, "in [0, 1]"),
+        ("parallel.global_batch_size", cfg.parallel.global_batch_size, 1, inf, False, False, ">= 1"),
+        ("parallel.pipeline_stages", cfg.parallel.pipeline_stages, 1, inf, False, False, ">= 1"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps, 0, inf, False, False, ">= 0 (0: at the end only)"),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, inf, False, False, ">= 1"),
+        ("validation.every_steps", cfg.validation.every_steps, 0, inf, False, False, ">= 0 (0: at the end only)"),
+        ("validation.max_batches", cfg.validation.max_batches, 0, inf, False, False, ">= 0 (0: all)"),
+        ("logging.every_steps", cfg.logging.every_steps, 1, inf, False, False, ">= 1"),
+    ]
+    for key, value, low, high, low_open, high_open, expected in checks:
+        if not _in_range(value, low, high, low_open=low_open, high_open=high_open):
+            raise ConfigError(f"{key}: expected {expected}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,3 +387,67 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resuming with a changed config
+
+# What a resume cannot take from a new config, by dotted key prefix, and why. The checkpoint holds
+# weights, optimizer state and a loader position built under the saved values.
+_REFUSED_ON_RESUME = {
+    "model.": "the checkpoint holds the weights and optimizer state of the saved model",
+    "trainable": "frozen groups have no optimizer state in the checkpoint",
+    "init_from": "the checkpoint's weights replace whatever init_from would load",
+    "seed": "it only fixes the initial weights, which the checkpoint replaces",
+    "parallel.precision": "the optimizer state is laid out for the saved precision",
+    "parallel.offload_": "the optimizer state is laid out for the saved offload setting",
+    "parallel.pipeline_stages": "the checkpoint is split by the saved pipeline stages",
+    "data.sources": "the saved loader position is a place in the saved mixture's sample order",
+    "data.seed": "the saved loader position is a place in the saved seed's sample order",
+    "data.samples_per_epoch": "the saved loader position is a place in the saved epoch length's order",
+}
+# Exceptions to the refused prefixes: these change cost, not results.
+_HONOURED_ON_RESUME = ("model.gradient_checkpointing", "model.compressor.gradient_checkpointing",
+                       "model.attn_implementation")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def resume_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """`key old -> new` for every value of `cfg` that differs from the config a checkpoint was
+    saved with (`saved`, the checkpoint's `dataclasses.asdict` of its RunConfig).
+
+    Raises ConfigError, one line listing every change a resume cannot honour and why. A key the
+    saved config lacks (added to the schema since) is not a change. A ZeRO stage change is
+    honoured (through DeepSpeed's universal checkpoint) unless it crosses ZeRO-3, whose files are
+    split differently.
+    """
+    old, new = _flatten(saved), _flatten(dataclasses.asdict(cfg))
+    changes, refused = [], []
+    for key in sorted(set(old) & set(new)):
+        if old[key] == new[key]:
+            continue
+        change = f"{key} {_short(old[key])} -> {_short(new[key])}"
+        changes.append(change)
+        reason = next((why for prefix, why in _REFUSED_ON_RESUME.items() if key.startswith(prefix)), None)
+        if key == "parallel.zero_stage" and (old[key] == 3) != (new[key] == 3):
+            reason = "ZeRO-3 splits every rank's files differently from stages 1-2"
+        if reason is not None and key not in _HONOURED_ON_RESUME:
+            refused.append(f"{change} ({reason})")
+    if refused:
+        raise ConfigError(f"resume: this config differs from the checkpoint's where a resume cannot "
+                          f"follow: {'; '.join(refused)}. Resume with the saved values, or start a new "
+                          "run_dir (init_from an export of this run)")
+    return changes

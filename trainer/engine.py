@@ -9,6 +9,7 @@ whatever ZeRO stage the config asks for.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -124,6 +125,20 @@ def warmup_steps(cfg: RunConfig, total_steps: int) -> int:
     return math.ceil(cfg.schedule.warmup_ratio * total_steps)
 
 
+def quiet_known_warnings() -> None:
+    """Silence, at their source, warnings a training log would otherwise repeat every step.
+
+    DeepSpeed 0.19's ZeRO communication calls `torch.distributed.all_gather_into_tensor` and
+    `reduce_scatter_tensor`, which torch 2.13 deprecates in favour of `*_single`: the old names
+    forward to the new functions, so nothing changes for us, yet each warning came back dozens of
+    times per log (other libraries reset the warning registry). Only that message, category and
+    module are filtered; any other deprecation still shows.
+    """
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+
+
 def skip_shm_build() -> None:
     """DeepSpeed JIT-compiles a shared-memory comm op on CPU (~80 s) that gloo does not need.
 
@@ -143,6 +158,24 @@ def build_optimizer(groups: list[dict], cfg: RunConfig, *, total_steps: int, on_
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg.schedule.min_lr_ratio))
     return optimizer, scheduler
+
+
+def apply_optimizer_config(scheduler, cfg: RunConfig) -> None:
+    """Make a restored optimizer and schedule follow `cfg`'s optimizer and schedule sections.
+
+    Loading a checkpoint restores every param group's lr, betas, eps and weight decay and the
+    scheduler's base rates as they were saved, over what the new config built; a resume that
+    changed them must put the new values back. The current lr is the new base rate times the
+    (possibly changed) schedule at the restored step, as LambdaLR computes it.
+    """
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        name = group["name"].removesuffix(".no_decay")
+        lr = cfg.optimizer.group_lr.get(name, cfg.optimizer.lr)
+        decay = 0.0 if group["name"].endswith(".no_decay") else cfg.optimizer.weight_decay
+        group.update(initial_lr=lr, betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                     weight_decay=decay, lr=lr * scheduler.lr_lambdas[i](scheduler.last_epoch))
+        scheduler.base_lrs[i] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def build_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, total_steps: int,

@@ -6,8 +6,11 @@
 Order of `main`: config -> process group -> model -> loader -> engine -> resume -> loop, where one
 loop iteration is: accumulate gradients over `accum` micro-batches -> one optimizer step (skipped by
 DeepSpeed if the gradient norm is not finite) -> metrics -> maybe validation -> maybe checkpoint ->
-stop signal check. Starting in a run folder that has a checkpoint resumes it. Exit codes: 0 done,
-1 failed (bad config, too many non-finite steps), 85 checkpointed on SIGUSR1/SIGTERM (requeue).
+stop signal check. Starting in a run folder that has a checkpoint resumes it: a damaged newest
+checkpoint falls back to the previous complete one (one warning line); a config that changed since
+the checkpoint is compared key by key, and what a resume can follow (learning rates, schedule,
+logging, ...) is applied and listed in one line, what it cannot (model shapes, `trainable`, data
+order, ...) refused in one line before anything is built.
 """
 from __future__ import annotations
 
@@ -22,17 +25,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer import pipeline, signals
+from trainer import errors, pipeline, signals
 from trainer.checkpoint import Checkpointer, gather_client_state, restore_rng
-from trainer.config import ConfigError, RunConfig, load_config, save_config, to_yaml
+from trainer.config import ConfigError, RunConfig, load_config, resume_changes, save_config, to_yaml
 from trainer.dist import DistInfo, init_distributed
-from trainer.engine import build_engine, grad_accumulation_steps, resolve_precision
+from trainer.engine import (apply_optimizer_config, build_engine, grad_accumulation_steps,
+                            quiet_known_warnings, resolve_precision)
 from trainer.metrics import MetricsLogger, memory_gb, peak_flops, train_flops_per_token
 from trainer.rng import seed_everything
 
 
+_EXIT_CODES = """
+exit codes (one line on stderr names the file or key for 2-5; trainer/errors.py):
+  0   finished the stage
+  1   unexpected error: a bug or a failing machine (traceback printed)
+  2   usage or config: bad command line, config file, override or value, or a config change a
+      resume cannot follow
+  3   data: a dataset folder (index.json, shards) missing or malformed, or too many bad records
+  4   checkpoint: checkpoints exist but none is usable (damaged, incomplete, unsafe files)
+  5   diverged: more non-finite steps than max_nonfinite_steps
+  85  checkpointed on SIGUSR1/SIGTERM: requeue the job
+"""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mambamia train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mambamia train", description=__doc__ + _EXIT_CODES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="stage YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: optimizer.lr=1e-4 ...")
@@ -102,7 +119,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtyp
     engine.train()
     for _ in range(accum):
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next_batch(batches)
         wait += time.perf_counter() - t0
         keys += batch["keys"]
         inputs = to_device(batch, info.device, dtype)
@@ -173,15 +190,75 @@ def save(ckpt: Checkpointer, engine, step: int, loader, cfg: RunConfig, nonfinit
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # ConfigError is also raised after start-up (batch sizes vs world size, init_from, a resume).
+    return errors.run_reporting("mambamia train", lambda: run(load_config(args.config, args.overrides)))
+
+
+def open_loader(data_cfg, tokenizer, rank: int, world_size: int, what: str):
+    """The VideoLoader of `data_cfg`; a dataset folder it cannot open is a DataError naming it."""
+    from data.loader import VideoLoader
+    from data.records import BadRecord
+
     try:
-        return run(load_config(args.config, args.overrides))
-    except ConfigError as err:  # also raised after start-up: batch sizes vs world size, init_from
-        print(f"mambamia train: {err}", file=sys.stderr)
-        return 1
+        return VideoLoader.from_config(data_cfg, tokenizer, rank=rank, world_size=world_size)
+    except (OSError, ValueError, BadRecord) as err:
+        raise errors.DataError(f"{what}: {errors.one_line(err)}") from None
+
+
+def next_batch(batches: Iterator[dict]) -> dict:
+    """The next training batch; the loader's own stop (too many bad records, unreadable shards)
+    is a DataError. Its messages name the source and shard."""
+    from data.records import BadRecord
+
+    try:
+        return next(batches)
+    except (OSError, ValueError, RuntimeError, BadRecord) as err:
+        raise errors.DataError(f"training data: {errors.one_line(err)}") from err
+
+
+def resume(ckpt: Checkpointer, point: dict, changes: list[str], engine, scheduler, loader,
+           cfg: RunConfig, info: DistInfo) -> tuple[int, int]:
+    """Load checkpoint `point` into the engine, the loader and the generators; apply an optimizer
+    or schedule change. Returns (step, non-finite steps so far)."""
+    client = ckpt.load_point(engine, point)
+    step = client["step"]
+    if any(change.startswith(("optimizer.", "schedule.")) for change in changes):
+        apply_optimizer_config(scheduler, cfg)
+        if info.is_main:
+            rates = {k: f"{v:.3g}" for k, v in lr_by_group(scheduler.optimizer).items()}
+            print(f"[train] optimizer and schedule follow the new config from step {step}: {rates}",
+                  flush=True)
+    states = client["loader_states"]
+    try:
+        loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states)
+    except ValueError as err:  # the datasets changed since the checkpoint (sizes, version)
+        raise errors.DataError(f"resume of checkpoint {step}: {errors.one_line(err)}") from None
+    restore_rng(client)
+    if info.is_main:
+        print(f"[train] resumed {ckpt.root.parent} at step {step} (epoch {loader.epoch})", flush=True)
+    return step, client.get("nonfinite_steps", 0)
+
+
+def check_resume(point: dict | None, cfg: RunConfig, info: DistInfo) -> list[str]:
+    """The config changes since the checkpoint `point` (raises ConfigError for those a resume
+    cannot follow); [] on a fresh run."""
+    if point is None:
+        return []
+    if not isinstance(point.get("config"), dict):
+        if info.is_main:
+            print(f"[train] checkpoint {point['step']} records no config (saved by an older version): "
+                  "config changes cannot be checked", flush=True)
+        return []
+    changes = resume_changes(point["config"], cfg)
+    if changes and info.is_main:
+        print(f"[train] resuming checkpoint {point['step']} with a changed config, applied: "
+              f"{', '.join(changes)}", flush=True)
+    return changes
 
 
 def run(cfg: RunConfig) -> int:
     """Train `cfg`'s stage to its last step (resuming the run folder if it has a checkpoint)."""
+    quiet_known_warnings()
     info = init_distributed()
     stages = cfg.parallel.pipeline_stages
     # Under a pipeline the data splits over replicas (world / stages), not over processes.
@@ -191,32 +268,32 @@ def run(cfg: RunConfig) -> int:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last)
+    # Decided before anything is built, so that a refused config change costs nothing and
+    # config.yaml only ever records values in effect.
+    point = ckpt.resume_point()
+    changes = check_resume(point, cfg, info)
+    if info.is_main:
         save_config(cfg, run_dir / "config.yaml")
         print(f"[train] resolved config of stage {cfg.stage}:\n{to_yaml(cfg)}", flush=True)
 
     # Same seed on every rank while building, so every rank starts from identical weights.
     seed_everything(cfg.seed)
     model = build_model(cfg)
-    from data.loader import VideoLoader
-
-    loader = VideoLoader.from_config(cfg.data, model.tokenizer, rank=replica, world_size=replicas)
+    loader = open_loader(cfg.data, model.tokenizer, replica, replicas, "data")
+    if cfg.validation.sources:  # opened once here so that a missing folder stops the run now
+        open_loader(dataclasses.replace(cfg.data, sources=cfg.validation.sources, samples_per_epoch=None),
+                    model.tokenizer, replica, replicas, "validation.sources")
     total_steps = total_steps_of(cfg, loader, accum)
     build = build_engine if stages == 1 else pipeline.build_pipeline_engine
-    engine, optimizer, _ = build(model, cfg, world_size=info.world_size, total_steps=total_steps,
-                                 on_cuda=info.on_cuda)
+    engine, optimizer, scheduler = build(model, cfg, world_size=info.world_size, total_steps=total_steps,
+                                         on_cuda=info.on_cuda)
     dtype = torch.bfloat16 if resolve_precision(cfg, info.on_cuda) == "bf16" else torch.float32
     seed_everything(cfg.seed + info.rank)  # independent dropout noise per rank from here on
 
-    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last)
-    client = ckpt.load(engine)
     step, nonfinite = 0, 0
-    if client is not None:
-        step, nonfinite = client["step"], client.get("nonfinite_steps", 0)
-        states = client["loader_states"]
-        loader.load_state_dict(states[info.rank] if len(states) == info.world_size else states)
-        restore_rng(client)
-        if info.is_main:
-            print(f"[train] resumed {run_dir} at step {step} (epoch {loader.epoch})", flush=True)
+    if point is not None:
+        step, nonfinite = resume(ckpt, point, changes, engine, scheduler, loader, cfg, info)
     signals.install()
 
     metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=total_steps,
@@ -228,7 +305,7 @@ def run(cfg: RunConfig) -> int:
     batches = endless(loader)
     if stages > 1:
         pipeline_steps = pipeline.PipelineSteps(engine, batches, info.device, dtype)
-    saved_step = step if client is not None else None
+    saved_step = step if point is not None else None
     try:
         while step < total_steps:
             started = time.perf_counter()
@@ -247,7 +324,7 @@ def run(cfg: RunConfig) -> int:
                 if nonfinite > cfg.max_nonfinite_steps:
                     if info.is_main:
                         print(f"mambamia train: stopping: {message}", file=sys.stderr, flush=True)
-                    return 1
+                    return errors.DIVERGED
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 scalars = {"loss": result.loss, "grad_norm": result.grad_norm,
                            **lr_by_group(optimizer),
