@@ -477,3 +477,149 @@ def test_sigterm_stops_between_videos_with_shards_complete(tmp_path):
     _check_index(out, index)
     assert [e["samples"] for e in index["shards"]] == [2, 1, 2]
     assert {m["video_id"] for _, m in records.values()} == set("abcde")
+
+
+# ---------------------------------------------------------------- bad input where it enters (issue 18, 17)
+
+def _feature_files(folder, names, frames=3):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        np.save(folder / f"{name}.npy", np.full((frames, 4, 8), i + 1, np.float32))
+
+
+def _failures(out):
+    return [json.loads(line) for line in (out / "failures-r00000.jsonl").read_text().splitlines()]
+
+
+def test_paths_outside_the_root_are_refused_per_item(tmp_path, capsys):
+    """Issue 18.4: '../outside/x', an absolute path and a Video-MME videoID leading out of the
+    root are failures with a one-line reason; nothing outside the root is read into a shard."""
+    _feature_files(tmp_path / "feats", ["a"])
+    _feature_files(tmp_path / "outside", ["x", "y"])
+    conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    llava = _write(tmp_path / "llava.json", [
+        {"video": "a.mp4", "conversations": conv},
+        {"video": "../outside/x.mp4", "conversations": conv},
+        {"video": "sub/../../outside/x.mp4", "conversations": conv},
+        {"video": str(tmp_path / "outside" / "y.mp4"), "conversations": conv}])
+    vmme = _write(tmp_path / "vm.jsonl", [{"videoID": "../outside/y", "question": "q?", "options": ["A. x", "B. y"],
+                                           "answer": "A", "question_id": "q1"}], jsonl=True)
+    out = tmp_path / "out"
+    assert convert_main(["--annotations", str(llava), str(vmme), "--features", str(tmp_path / "feats"),
+                         "--out", str(out), "--merge", "--no-progress"]) == 0
+    assert "ok 1, failed 3" in capsys.readouterr().out  # the two '../outside/x' spellings are one video
+    reasons = {f["video"]: f["reason"] for f in _failures(out)}
+    assert reasons == {"../outside/x.mp4": "refused: the path leads outside the root ('..')",
+                       "../outside/y.mp4": "refused: the path leads outside the root ('..')",
+                       str(tmp_path / "outside" / "y.mp4"): "refused: the path is an absolute path; "
+                                                            "expected a path relative to the root"}
+    _, records = _records(out)
+    assert [meta["video_id"] for _, meta in records.values()] == ["a"]
+
+
+def test_os_error_is_a_failure_and_work_is_kept(tmp_path, capsys, monkeypatch):
+    """Issue 18.6: a 300-character video name (ENAMETOOLONG) is a failure line and the run goes on;
+    an unexpected error later completes the open shard and leaves the failures written so far;
+    the rerun converts only what is left."""
+    import data.convert
+
+    names = ["w", "x", "y", "z"]  # keys sort after the long name's: it fails first
+    _feature_files(tmp_path / "feats", names)
+    conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    long_name = "a" * 300 + ".mp4"
+    ann = _write(tmp_path / "ann.json", [{"video": v, "conversations": conv} for v in [long_name, *(f"{n}.mp4" for n in names)]])
+    argv = ["--annotations", str(ann), "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "out"),
+            "--no-progress", "--decode-workers", "1"]
+    real_finish = data.convert.Converter.finish
+    order = sorted(make_key(v) for v in [long_name, *(f"{n}.mp4" for n in names)])
+    third_ok = [k for k in order if not k.startswith("a" * 60)][2]
+
+    def finish(self, key, *rest):
+        if key == third_ok:
+            raise RuntimeError("unexpected")
+        return real_finish(self, key, *rest)
+
+    monkeypatch.setattr(data.convert.Converter, "finish", finish)
+    assert convert_main(argv) == 2
+    assert capsys.readouterr().err == "mambamia convert: error: unexpected\n"
+    kept = [k for p in completed_shards(tmp_path / "out") for k in shard_keys(p)]
+    assert len(kept) == 2 and not list((tmp_path / "out").glob("*.partial"))
+    assert [f["video"] for f in _failures(tmp_path / "out")] == [long_name]
+    assert "File name too long" in _failures(tmp_path / "out")[0]["reason"]
+    monkeypatch.setattr(data.convert.Converter, "finish", real_finish)
+    capsys.readouterr()
+    assert convert_main(argv + ["--merge"]) == 0
+    assert "ok 2, failed 1, skipped 2 (already done)" in capsys.readouterr().out
+    assert [f["video"] for f in _failures(tmp_path / "out")] == [long_name]
+    assert json.loads((tmp_path / "out" / "index.json").read_text())["total_samples"] == 4
+
+
+def test_annotation_text_encodings_nesting_and_skippable_json_errors(tmp_path):
+    """Issue 18.10: UTF-16 with a BOM reads as UTF-8 does; without one it is a one-line error;
+    JSON nested 100k deep is a one-line error (a whole file) or a skippable line (JSONL); a JSONL
+    syntax error reaches --skip-bad-annotations' handler instead of stopping the run."""
+    rows = [{"video": "é.mp4", "conversations": [{"from": "human", "value": "ça?"}, {"from": "gpt", "value": "oui"}]}]
+    text = json.dumps(rows, ensure_ascii=False)
+    (tmp_path / "u8.json").write_text(text, encoding="utf-8")
+    (tmp_path / "u16.json").write_bytes(text.encode("utf-16"))  # with its BOM
+    (tmp_path / "u16le.json").write_bytes(text.encode("utf-16-le"))  # without
+    assert [i.conversations for i in parse_file(tmp_path / "u16.json")] == \
+        [i.conversations for i in parse_file(tmp_path / "u8.json")]
+    with pytest.raises(AnnotationError, match=r"u16le\.json: not UTF-8 text") as err:
+        parse_file(tmp_path / "u16le.json")
+    assert "\n" not in str(err.value)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AnnotationError, match=r"deep\.json: not valid JSON \(nested too deeply\)"):
+        parse_file(tmp_path / "deep.json")
+    good = json.dumps(rows[0])
+    (tmp_path / "mixed.jsonl").write_text("\n".join([good, "{oops", '{"a": ' * 100_000, "[1, 2]", good]) + "\n")
+    skipped = []
+    items = parse_file(tmp_path / "mixed.jsonl", on_error=skipped.append)
+    assert len(items) == 2
+    assert [str(e).split(": ", 1)[0] for e in skipped] == [f"{tmp_path / 'mixed.jsonl'}:line {n}" for n in (2, 3, 4)]
+    assert all("\n" not in str(e) for e in skipped)
+    skipped.clear()
+    assert parse_file(tmp_path / "deep.json", on_error=skipped.append) == [] and len(skipped) == 1
+
+
+def test_mlvu_without_question_ids_gets_stable_ids_eval_accepts(tmp_path, caplog):
+    """Issue 17.1: MLVU records carry no question_id; convert derives one from file and row, says
+    so once per file, and the shards pass eval's reader (it crashed there, three commands later).
+    An id given twice is refused at convert with both places named."""
+    from trainer.evaluate import iter_records
+
+    rows = [{"video": f"{v}.mp4", "question": f"Which {i}?", "candidates": ["x", "y"], "answer": "y",
+             "question_type": "plotQA"} for i, v in enumerate("aab")]
+    ann = _write(tmp_path / "1_plotQA.json", rows)
+    with caplog.at_level("WARNING", logger="data.annotations"):
+        items = parse_file(ann)
+    assert [q["id"] for it in items for q in it.qa] == [f"1_plotQA.json:record {i}" for i in range(3)]
+    assert items[0].qa[0].keys() == {"id", "question", "options", "answer", "type", "duration_bucket", "time_reference"}
+    assert sum("3 question(s) without an id" in r.getMessage() for r in caplog.records) == 1
+    _feature_files(tmp_path / "feats", ["a", "b"])
+    out = tmp_path / "out"
+    assert convert_main(["--annotations", str(ann), "--features", str(tmp_path / "feats"), "--out", str(out),
+                         "--merge", "--no-progress"]) == 0
+    ids = sorted(item.id for record in iter_records(out) for item in record.items)
+    assert ids == [f"1_plotQA.json:record {i}" for i in range(3)]
+    dup = _write(tmp_path / "dup.jsonl", [{**r, "question_id": "same"} for r in rows[:2]], jsonl=True)
+    assert convert_main(["--annotations", str(dup), "--features", str(tmp_path / "feats"),
+                         "--out", str(tmp_path / "out2"), "--no-progress"]) == 2
+
+
+def test_fps_with_decimals_keeps_the_rate_and_says_so(dataset, tiny_assets, capsys):
+    """Issue 17.4: 2.5 s x 1.6000001 fps is 4.00000025 frames: 4 at the requested rate fit
+    --max-frames 4 (it fell back to even spacing before), the record's fps is the one asked for,
+    and one line per run says what the sampling did."""
+    ann = _write(dataset["root"] / "c0.json", [{"video": "sub/c0.mp4", "conversations": [
+        {"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "A square."}]}])
+    out = dataset["root"] / "fps"
+    assert convert_main(["--annotations", str(ann), "--videos", str(dataset["videos"]), "--encoder",
+                         str(tiny_assets["vision"]), "--fps", "1.6000001", "--max-frames", "4", "--out", str(out),
+                         "--merge", "--no-progress"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("frames:")]
+    assert lines == ["frames: 1 video(s) at the requested 1.6 fps (up to 4 frames: 2.5 s); 0 longer one(s) got "
+                     "4 frames spread evenly over the video; 0 got fewer frames than sample times (a source with "
+                     "fewer frames per second than asked: each source frame kept once)"]
+    (_, meta), = _records(out)[1].values()
+    assert meta["fps"] == 1.6000001 and len(meta["timestamps"]) == 4
