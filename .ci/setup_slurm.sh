@@ -10,6 +10,10 @@
 # only where sbatch is missing: installed but not running, they fail and show why.
 set -uo pipefail
 
+# This script configures and queries the default cluster (/etc/slurm/slurm.conf), not whatever
+# cluster the caller's SLURM_CONF points at (e.g. setup_slurm_multinode.sh's).
+unset SLURM_CONF
+
 say() { echo "[slurm] $*"; }
 fail() { echo "[slurm] cannot start SLURM: $*" >&2; exit 1; }
 

@@ -18,7 +18,14 @@
 #   MAMBAMIA      command that runs the CLI (default: `mambamia`, else `python -m trainer.cli`)
 #   NPROC         processes per node without SLURM (default: number of GPUs, or CPU_PROCS)
 #   CPU_PROCS     processes when there is no GPU (default 2; gloo on the CPU accelerator)
+#   MASTER_ADDR   rendezvous address (default: the first node of the allocation as an IPv4
+#                 address, 127.0.0.1 on one node; set it when the node's name resolves to an
+#                 address the other nodes cannot reach)
 #   MASTER_PORT   rendezvous port (default: derived from the job id; a free port locally)
+#   GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME  interface the ranks talk over (default on several
+#                 nodes: the one each node reaches MASTER_ADDR through; see slurm/rank.sh)
+#   MAMBAMIA_PG_TIMEOUT  seconds any collective waits for the other ranks before the rank fails
+#                 (default 900, trainer/dist.py): how long survivors of a dead node wait
 #   MAX_ATTEMPTS  starts allowed at the same checkpoint step before giving up (default 3)
 #   EXIT_GRACE    seconds the other ranks get after the first one exits (default 600)
 # shellcheck shell=bash
@@ -73,12 +80,40 @@ mm_select_device() {
     fi
 }
 
+# MASTER_ADDR = the first node of the allocation (the one this batch script runs on) as an
+# address: SLURM's NodeAddr for it, resolved here once so every rank connects to the same address.
+# A name that resolves to loopback on its own node (Debian's 127.0.1.1 line) would make the
+# others connect to themselves: refused with a message instead.
+mm_master_addr() {
+    local first addr
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(scontrol show node "$first" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
+    addr=${addr:-$first}
+    if ! [[ "$addr" =~ ^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
+        addr=$(getent ahostsv4 "$addr" | awk 'NR == 1 {print $1}')
+    fi
+    if [ -z "$addr" ]; then
+        echo "[mambamia-slurm] error: node $first (first of $SLURM_JOB_NODELIST) has no IPv4 address: set MASTER_ADDR" >&2
+        return 1
+    fi
+    if [[ "$addr" == 127.* ]]; then
+        echo "[mambamia-slurm] error: node $first resolves to $addr (loopback), which the other nodes cannot reach: set MASTER_ADDR to its cluster address" >&2
+        return 1
+    fi
+    MASTER_ADDR=$addr
+}
+
 # MASTER_ADDR/MASTER_PORT/WORLD_SIZE for the ranks; MM_NNODES/MM_NODE_RANK/MM_NPROC for the log.
 mm_rendezvous() {
     if [ -n "${SLURM_JOB_ID:-}" ]; then
-        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-        # One node: loopback, which needs no name resolution (containers often lack their own).
-        [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ] && MASTER_ADDR=127.0.0.1
+        if [ -n "${MASTER_ADDR:-}" ]; then
+            :  # set by the user: passed through
+        elif [ "${SLURM_JOB_NUM_NODES:-1}" = 1 ]; then
+            # One node: loopback, which needs no name resolution (containers often lack their own).
+            MASTER_ADDR=127.0.0.1
+        else
+            mm_master_addr || exit 2
+        fi
         # Same on every node without communication, different for jobs sharing a node; a
         # requeued job keeps its id and so its port (its previous processes are gone by then).
         MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}
@@ -140,7 +175,9 @@ mm_launch_srun() {
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # Every task sees all GPUs of its node and takes the one at LOCAL_RANK: per-task GPU binding
     # hides the peers from each other and disables CUDA IPC / NVLink peer-to-peer in NCCL.
-    srun "${opts[@]}" bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec "$@"' mm-rank "$@" &
+    # --label: every line of the job log says which rank wrote it; slurm/rank.sh sets the rank's
+    # variables and interface, and logs where it ran and how it ended.
+    srun "${opts[@]}" --label bash "$MAMBAMIA_ROOT/slurm/rank.sh" "$@" &
     MM_PIDS=($!)
     mm_wait_pid "${MM_PIDS[0]}"
 }
@@ -252,6 +289,7 @@ mm_run_stage() {
     local overrides=("run_dir=$RUN_DIR") extra=() rc
     [ -n "${INIT_FROM:-}" ] && overrides+=("init_from=$INIT_FROM")
     read -r -a extra <<<"${EXTRA:-}"
+    export MM_RANK_LOG_DIR=$RUN_DIR/logs  # one file per rank and host (slurm/rank.sh)
     mm_log "train $CONFIG into $RUN_DIR: attempt $MM_ATTEMPT, checkpoint step $MM_START_STEP, job ${SLURM_JOB_ID:-none (local)}"
     mm_launch "${MM_CLI[@]}" train "$CONFIG" "${overrides[@]}" "${extra[@]}"
     rc=$?

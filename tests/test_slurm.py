@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,85 +26,26 @@ from pathlib import Path
 import pytest
 
 from tests.test_train import make_tiny_root
+from tests.utils.slurm_jobs import (REPO, SLURM, TERMINAL, cancel_submitted, job_env, job_info, logs,
+                                    losses, rank_exits, sbatch, wait_done)
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM = REPO / "slurm"
 # A CPU allocation on the CI node: overrides the GPU defaults in the scripts' #SBATCH lines.
+# --time=15: the scripts ask for SIGUSR1 600 s before the limit, which must not fall at the start.
 CPU_RANKS = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
              "--mem=4G", "--time=15"]
 STEPS = 24  # long enough that the signal lands mid-run, short enough for CI
 TRAIN_EXTRA = f"schedule.total_steps={STEPS} checkpoint.every_steps=0 validation.every_steps=0"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-            "BOOT_FAIL", "DEADLINE"}
 
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(shutil.which("sbatch") is None,
                                  reason="sbatch not found (bash .ci/setup_slurm.sh installs SLURM)")]
 
 
-_SUBMITTED: list[str] = []
-
-
 @pytest.fixture(scope="module", autouse=True)
 def cancel_leftovers():
     """A failed assertion must not leave jobs holding the node for the tests that follow."""
     yield
-    if _SUBMITTED:
-        subprocess.run(["scancel", *_SUBMITTED], capture_output=True, timeout=30)
-
-
-def job_env(**overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONFIG", "RUN_DIR", "EXPORT_DIR", "INIT_FROM", "EXTRA", "MAX_ATTEMPTS")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.update(overrides)
-    return env
-
-
-def sbatch(script: str, log: Path, env: dict[str, str], *options: str, args: tuple[str, ...] = ()) -> str:
-    out = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--error={log}", *options,
-                          str(SLURM / script), *args],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"sbatch {script} failed: {out.stderr}"
-    job_id = out.stdout.strip().split(";")[0]
-    _SUBMITTED.append(job_id)
-    return job_id
-
-
-def job_info(job_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                         timeout=30)
-    assert out.returncode == 0, f"scontrol show job {job_id}: {out.stderr}"
-    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
-
-
-def logs(*paths: Path) -> str:
-    parts = []
-    for path in paths:
-        for p in sorted(path.parent.glob(path.name)):
-            parts.append(f"----- {p}\n{p.read_text(errors='replace')[-6000:]}")
-    return "\n".join(parts) or "(no job log written)"
-
-
-def wait_done(job_id: str, log_paths: list[Path], timeout: float) -> dict[str, str]:
-    """Poll until the job reaches a terminal state; on timeout cancel it and fail with its logs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = job_info(job_id)
-        if info["JobState"] in TERMINAL:
-            return info
-        if info.get("Reason") == "DependencyNeverSatisfied":  # the job it waits for failed
-            break
-        time.sleep(1)
-    subprocess.run(["scancel", job_id], timeout=30)
-    pytest.fail(f"job {job_id} did not finish ({info['JobState']}, reason {info.get('Reason')}, "
-                f"timeout {timeout:.0f} s)\n{logs(*log_paths)}")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss as metrics.jsonl last recorded it."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+    cancel_submitted()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,8 +110,11 @@ def test_signal_checkpoints_requeues_and_resumes_to_the_same_losses(stage_jobs):
     assert b["info"]["JobState"] == "COMPLETED", stage_jobs["all_logs"]
     assert int(b["info"]["Restarts"]) == 1, b["text"]
     assert "got SIGUSR1" in b["text"] and "requeueing job" in b["text"], b["text"]
-    # Both ranks stopped on the request (srun reports each task's non-zero exit).
-    assert all(f"task {rank}: Exited with exit code 85" in b["text"] for rank in (0, 1)), b["text"]
+    # Both ranks stopped on the request: each rank's own exit line (slurm/rank.sh) of the first
+    # attempt says 85 (checkpointed, requeue me); the second attempt's say 0.
+    exits = rank_exits(b["text"])
+    assert sorted((rank, code) for rank, _, code, _ in exits[:2]) == [(0, 85), (1, 85)], b["text"]
+    assert sorted((rank, code) for rank, _, code, _ in exits[2:]) == [(0, 0), (1, 0)], b["text"]
     resumed = re.search(r"resumed \S+ at step (\d+)", b["text"])
     assert resumed and 1 <= int(resumed.group(1)) < STEPS, b["text"]
     # The second attempt started from the checkpoint the first one wrote on the signal.

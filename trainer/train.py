@@ -268,6 +268,7 @@ def run(cfg: RunConfig) -> int:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    info.check_shared_folder(run_dir)  # every host must see the checkpoints the others write
     ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last)
     # Decided before anything is built, so that a refused config change costs nothing and
     # config.yaml only ever records values in effect.
