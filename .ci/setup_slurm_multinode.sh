@@ -17,7 +17,8 @@
 # controller, 10.77.0.1K host K, named nodeK). Needs root; installs slurm-wlm and munge through
 # setup_slurm.sh (which also starts munged, shared by both clusters through its socket file).
 # Every namespace shares the root's file systems: the run folder is "shared storage" by
-# construction, as on a cluster with a parallel file system.
+# construction, as on a cluster with a parallel file system. Except /mnt/node-local: each host
+# mounts its own small tmpfs there, like a node's local scratch disk (what a run folder must not be).
 set -uo pipefail
 
 say() { echo "[slurm-multinode] $*"; }
@@ -30,6 +31,7 @@ CONF=$CONF_DIR/slurm.conf
 STATE=/var/spool/slurm-multinode
 LOGS=/var/log/slurm-multinode
 RUN=/run/slurm-multinode
+NODE_LOCAL=/mnt/node-local
 NODES_FILE=$CONF_DIR/nodes  # N of the running cluster, for `down` and `fail`
 
 ns() { echo "mm$1"; }           # namespace of host K
@@ -135,6 +137,7 @@ start_slurmd() {
     running "$RUN/slurmd-node$k.pid" && return 0
     nsenter --net="/run/netns/$(ns "$k")" unshare --uts --mount sh -c \
         "mount --bind $CONF_DIR/hosts /etc/hosts && mount --bind $CONF_DIR/resolv.conf /etc/resolv.conf \
+         && mkdir -p $NODE_LOCAL && mount -t tmpfs -o size=64m tmpfs $NODE_LOCAL \
          && hostname node$k && exec slurmd -f $CONF -N node$k" \
         || fail "slurmd of node$k did not start (see $LOGS/slurmd-node$k.log)"
 }

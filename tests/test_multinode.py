@@ -11,6 +11,8 @@ share), submitted as a user would: `sbatch -N 2 ... slurm/stage2.sh`.
   checkpoint, the job requeues and the resumed run ends with the uninterrupted run's losses.
 - Shrink: the two-host checkpoint resumes on one host with one rank (DeepSpeed's universal
   checkpoint, converted on resume) and trains on under the same schedule.
+- A run folder on node-local disks (each host's own /mnt/node-local) is refused at start by
+  every rank, naming the rank and host that cannot see rank 0's files; nothing is requeued.
 - Node loss: node2 dies in the middle of a checkpoint save (frozen, link cut, processes killed).
   The survivor gives up after MAMBAMIA_PG_TIMEOUT (+ a margin) instead of hanging, the job ends
   non-zero or is requeued by SLURM, and a resubmission resumes from the newest complete checkpoint
@@ -48,6 +50,7 @@ ONE_RANK = ["--nodes=1", "--ntasks-per-node=1", *CPU]
 PG_TIMEOUT = 20  # seconds; how long the survivor of a dead host may wait in a collective
 NOTICE_MARGIN = 15  # its traceback, exit and our polling on a loaded 2-core machine
 MARKER = "mambamia_checkpoint.json"  # trainer.checkpoint.MARKER
+NODE_LOCAL = "/mnt/node-local"  # each host's own tmpfs (setup_slurm_multinode.sh)
 
 
 def cluster_down_reason() -> str | None:
@@ -205,6 +208,21 @@ def test_checkpoint_of_two_hosts_resumes_on_one_host(runs, tiny, tmp_path):
     assert 0.005 * want[start + 1] < 0.1 * (want[1] - want[start + 1]), want
     print(f"\n[multinode] shrink 2 hosts -> 1 rank from step {start}: max relative loss difference "
           f"{max(abs(got[s] - want[s]) / want[s] for s in got):.2g} vs the two-host run")
+
+
+def test_run_folder_not_shared_between_hosts_is_refused(tiny, tmp_path):
+    run_dir = Path(NODE_LOCAL) / f"run-{tmp_path.name}"  # a different folder on each host
+    log = tmp_path / "local.log"
+    info = wait_done(submit(tiny, run_dir, log, TWO_HOSTS), [log], timeout=300, conf=CONF)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
+    # Both ranks stopped with the trainer's failure code (not 85: nothing to resume).
+    (attempt,) = exits_by_attempt(text)
+    assert {(rank, host) for rank, host, _ in attempt} == {(0, "node1"), (1, "node2")}, text
+    assert all(code not in (0, 85) for _, _, code in attempt), text
+    assert re.search(rf"run_dir {run_dir} is not shared between the hosts: rank\(s\) 1 \(node2\) do not "
+                     r"see the file rank 0 \(node1\) wrote", text), text
+    assert re.search(r"training failed with exit code \d+: not requeued", text), text
 
 
 def node2_pids() -> list[int]:
