@@ -169,6 +169,10 @@ cmd_up() {
         cmd_down
     fi
     bash "$(dirname "$0")/setup_slurm.sh" >/dev/null || fail "the one-node setup (packages, munge) failed: run .ci/setup_slurm.sh"
+    if ! command -v ip >/dev/null || ! command -v nsenter >/dev/null; then  # minimal images lack them
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2 util-linux >/dev/null \
+            || fail "ip/nsenter missing and apt-get install iproute2 util-linux failed"
+    fi
     started=$(date +%s.%N)
     write_conf "$n" || restart=1
     write_host_files "$n"
