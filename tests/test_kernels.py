@@ -11,6 +11,7 @@ saying how to install them when either is missing:
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -109,3 +110,30 @@ _MISSING = triton_cpu.missing()
 ], ids=["scan-norm-mutation", "mixer", "compressor-training"])
 def test_kernel_cases_under_triton_interpreter(selection):
     _run_cases(selection)
+
+
+def test_gpu_check_dry_run_checks_its_plan_and_the_real_run_refuses_cpu(tmp_path):
+    """`python -m bench.gpu_check --dry-run` passes on a CPU machine; without --dry-run it fails
+    (exit 2), never skips, when there is no CUDA device."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bench.gpu_check", "--wheels", str(tmp_path)]
+    dry = subprocess.run(cmd + ["--dry-run"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    report = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["problems"] == [] and report["wheels"] == 0
+    assert report["steps"] == ["install", "gpu_tests", "kernel_tests", "bench_ssd", "bench_train"]
+    real = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert real.returncode == 2 and json.loads(real.stdout.strip().splitlines()[-1])["ok"] is False
+
+
+def test_bench_train_prints_its_ratio_on_cpu():
+    """The smallest bench_train run: one tiny config, one round of one step per side."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "bench/bench_train.py", "--configs", "configs/tiny/stage1.yaml", "--rounds", "1",
+           "--steps", "1", "--warmup", "0"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    (row,) = report["rows"]
+    assert row["framework_tokens_per_s"] > 0 and row["bare_tokens_per_s"] > 0
+    assert abs(row["ratio"] - row["framework_tokens_per_s"] / row["bare_tokens_per_s"]) < 2e-3

@@ -47,13 +47,20 @@ def enable() -> None:
         raise RuntimeError("triton_cpu.enable: triton was imported before TRITON_INTERPRET=1 was set; "
                            "call enable() first, in a fresh process")
     os.environ["TRITON_INTERPRET"] = "1"
+    register_bare_mamba_ssm()
+    _patch_torch_cuda()
+    _patch_autotuner()
+
+
+def register_bare_mamba_ssm() -> None:
+    """Make `mamba_ssm.ops.triton.*` importable without running mamba_ssm's `__init__`, which
+    imports the CUDA extension a Triton-only install (built with MAMBA_SKIP_CUDA_BUILD) lacks;
+    also what the GPU check does with the wheel it carries."""
     if "mamba_ssm" not in sys.modules:
         spec = importlib.util.find_spec("mamba_ssm")
         package = types.ModuleType("mamba_ssm")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["mamba_ssm"] = package
-    _patch_torch_cuda()
-    _patch_autotuner()
 
 
 def _patch_torch_cuda() -> None:
