@@ -114,43 +114,48 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def _my_batches(samples: list[_Sample], rank: int, world: int, batch_size: int) -> list[list[_Sample]]:
-    """This rank's share: global batch g is samples[g*W*B : (g+1)*W*B], rank r takes its r-th
-    slice. Every rank gets the same number of batches (ZeRO-3 gathers weights in every forward),
-    possibly empty ones at the end."""
+def _my_batches(samples: list[_Sample], rank: int, world: int, batch_size: int) -> list[list[tuple[_Sample, bool]]]:
+    """This rank's batches of (sample, counted): global batch g is samples[g*W*B : (g+1)*W*B],
+    rank r takes its r-th slice. Every rank runs the same number of batches of exactly B samples,
+    as training does (ZeRO-3 gathers each module's weights when it runs, so ranks must make the same
+    calls): a short slice is filled up with samples from the start of the list, not counted."""
     per_global = world * batch_size
     batches = []
     for g in range(math.ceil(len(samples) / per_global)):
         start = g * per_global + rank * batch_size
-        batches.append(samples[start:start + batch_size])
+        batch = [(s, True) for s in samples[start:start + batch_size]]
+        filler = [(samples[i % len(samples)], False) for i in range(batch_size - len(batch))]
+        batches.append(batch + filler)
     return batches
 
 
-def _forward_losses(engine, batch_samples: list[_Sample], reader: ShardReader, cfg, pad_id: int,
+def _forward_losses(engine, batch: list[tuple[_Sample, bool]], reader: ShardReader, cfg, pad_id: int,
                     device: torch.device, dtype: torch.dtype) -> list[tuple[str, float]] | None:
-    """(form, loss) of every sample whose features read cleanly; None (and no forward) when none did."""
-    prepared = [s.prepared for s in batch_samples]
-    batch, failures = collate(prepared, reader, pad_id=pad_id, features_dtype=cfg.data.features_dtype)
-    if not batch:
+    """(form, loss) of every counted sample whose features read cleanly; None, with no forward,
+    when no sample of the batch did."""
+    collated, failures = collate([s.prepared for s, _ in batch], reader, pad_id=pad_id,
+                                 features_dtype=cfg.data.features_dtype)
+    if not collated:
         return None
     failed = {id(p) for p, _ in failures}
-    kept = [s for s in batch_samples if id(s.prepared) not in failed]
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels", "frame_mask")}
-    inputs["features"] = batch["features"].to(device, dtype=dtype)
+    kept = [(s, counted) for s, counted in batch if id(s.prepared) not in failed]
+    inputs = {k: collated[k].to(device) for k in ("input_ids", "attention_mask", "labels", "frame_mask")}
+    inputs["features"] = collated["features"].to(device, dtype=dtype)
     out = engine(**inputs)
     losses = per_sample_loss(out.logits, out.labels).tolist()
-    return [(s.form, loss) for s, loss in zip(kept, losses)]
+    return [(s.form, loss) for (s, counted), loss in zip(kept, losses) if counted]
 
 
-def _run_batch(engine, mine: list[_Sample], samples: list[_Sample], reader: ShardReader, cfg, pad_id: int,
-               device: torch.device, dtype: torch.dtype) -> list[tuple[str, float]]:
-    """This rank's losses for one batch, after exactly one forward: a batch that is empty or
-    wholly unreadable is replaced by the first readable held-out sample, counted with weight 0."""
-    result = _forward_losses(engine, mine, reader, cfg, pad_id, device, dtype) if mine else None
+def _run_batch(engine, batch: list[tuple[_Sample, bool]], samples: list[_Sample], reader: ShardReader, cfg,
+               pad_id: int, device: torch.device, dtype: torch.dtype) -> list[tuple[str, float]]:
+    """This rank's losses for one batch, after exactly one forward: a wholly unreadable batch is
+    replaced by readable held-out samples, not counted."""
+    result = _forward_losses(engine, batch, reader, cfg, pad_id, device, dtype)
     if result is not None:
         return result
-    for sample in samples:
-        if _forward_losses(engine, [sample], reader, cfg, pad_id, device, dtype) is not None:
+    for start in range(0, len(samples), len(batch)):
+        filler = [(samples[(start + i) % len(samples)], False) for i in range(len(batch))]
+        if _forward_losses(engine, filler, reader, cfg, pad_id, device, dtype) is not None:
             return []
     raise ValueError("validation.sources: no held-out record has readable features")
 
@@ -173,8 +178,8 @@ def validation_scalars(engine, cfg, tokenizer, rank: int, world_size: int, devic
         if not samples:  # e.g. a benchmark whose answers are hidden: nothing to validate against
             return {}
         engine.eval()
-        for mine in _my_batches(samples, rank, world_size, batch_size):
-            for form, loss in _run_batch(engine, mine, samples, reader, cfg, pad_id, device, dtype):
+        for batch in _my_batches(samples, rank, world_size, batch_size):
+            for form, loss in _run_batch(engine, batch, samples, reader, cfg, pad_id, device, dtype):
                 totals[FORMS.index(form)] += torch.tensor([loss, 1.0], dtype=torch.float64, device=device)
     finally:
         reader.close()
