@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trainer import signals
-from trainer.checkpoint import MARKER, Checkpointer, gather_client_state
+from trainer.checkpoint import MARKER, Checkpointer, CheckpointError, gather_client_state
 from trainer.rng import get_rng_state, seed_everything, set_rng_state
 
 
@@ -229,3 +229,109 @@ def test_consolidated_weights_equal_trained_weights(reference):
     assert sorted(weights) == sorted(trained) and "frozen.weight" in weights
     for name, value in trained.items():
         assert torch.equal(weights[name], value), name
+
+
+# --------------------------------------------------------------------------- damaged and unsafe files
+class _Payload:
+    """Unpickling this runs code: it writes `path` (what an attacker's checkpoint would do)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return exec, (f"open({self.path!r}, 'w').write('ran')",)
+
+
+def _copy_steps(ref_dir, run, steps, latest):
+    root = run / "checkpoints"
+    root.mkdir(parents=True)
+    for step in steps:
+        shutil.copytree(ref_dir / "checkpoints" / str(step), root / str(step))
+    (root / "latest").write_text(f"{latest}\n")
+    return Checkpointer(run)
+
+
+def _plant_payload(folder, marker_file):
+    """Replace the rank-0 model states by a code-running pickle; the completion marker is updated
+    to its size, so only the refusal to unpickle code stands between the file and a load."""
+    path = folder / "mp_rank_00_model_states.pt"
+    torch.save({"module": _Payload(marker_file)}, path)
+    marker = json.loads((folder / MARKER).read_text())
+    marker["files"][path.name] = path.stat().st_size
+    (folder / MARKER).write_text(json.dumps(marker))
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGES = {
+    "truncated_optim": lambda f: _truncate(f / "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+    "missing_optim": lambda f: (f / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+    "missing_model": lambda f: (f / "mp_rank_00_model_states.pt").unlink(),
+    "corrupt_marker": lambda f: (f / MARKER).write_bytes(b"\x00{\"step\": 8, garbage"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_damaged_newest_checkpoint_falls_back_with_one_warning(reference, tmp_path, caplog, damage):
+    ref_dir, _ = reference
+    ckpt = _copy_steps(ref_dir, tmp_path, (6, 8), latest=8)
+    DAMAGES[damage](ckpt.root / "8")
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        assert ckpt.resume_point()["step"] == 6
+    skipped = [r.getMessage() for r in caplog.records if "checkpoint 8 is not usable" in r.getMessage()]
+    assert len(skipped) == 1 and "\n" not in skipped[0]
+    assert (ckpt.root / "8").is_dir()  # kept for inspection; only a later prune removes it
+    # Every checkpoint damaged: one line, never a silent fresh start over them.
+    _truncate(ckpt.root / "6" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint among steps \[8, 6\]") as err:
+        ckpt.resume_point()
+    assert "\n" not in str(err.value)
+
+
+def test_checkpoint_without_marker_is_kept_if_its_files_are_complete(reference, tmp_path):
+    ref_dir, _ = reference
+    ckpt = _copy_steps(ref_dir, tmp_path, (6, 8), latest=8)
+    (ckpt.root / "8" / MARKER).unlink()
+    # 6 lost its marker and a rank's optimizer file: what an interrupted prune leaves.
+    (ckpt.root / "6" / MARKER).unlink()
+    (ckpt.root / "6" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    point = ckpt.resume_point()
+    assert (point["step"], point["world_size"], point["zero_stage"]) == (8, 2, 2)
+    assert (ckpt.root / "8" / MARKER).is_file() and ckpt.verify(8)["step"] == 8
+    assert not (ckpt.root / "6").exists()
+
+
+def test_unsafe_pickle_never_runs_on_resume_export_or_in_deepspeed(reference, tmp_path, capsys):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from trainer.checkpoint import weights_only_loads
+    from trainer.export import main as export_main
+
+    ref_dir, _ = reference
+    ran = tmp_path / "payload_ran"
+    ckpt = _copy_steps(ref_dir, tmp_path / "run", (8,), latest=8)
+    _plant_payload(ckpt.root / "8", ran)
+    with pytest.raises(CheckpointError, match="does not load as tensors and plain data"):
+        ckpt.load(FakeEngine(zero_stage=2))
+    capsys.readouterr()
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out")]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mp_rank_00_model_states.pt" in err
+    # DeepSpeed's own loader asks for weights_only=False; inside weights_only_loads it is refused.
+    with weights_only_loads(), pytest.raises(Exception):
+        TorchCheckpointEngine().load(str(ckpt.root / "8" / "mp_rank_00_model_states.pt"))
+    assert not ran.exists() and not (tmp_path / "out").exists()
+
+
+def test_deepspeed_resumes_from_previous_checkpoint_when_newest_is_truncated(reference, tmp_path):
+    from tests.ckpt_worker import launch, read_log
+
+    ref_dir, ref = reference
+    ckpt = _copy_steps(ref_dir, tmp_path, (6, 8), latest=8)
+    _truncate(ckpt.root / "8" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert launch(tmp_path, 2, "--tag", "fb", "--steps", "8") == [0, 0]
+    _assert_same_steps(read_log(tmp_path, "fb"), ref, range(7, 9))
+    assert ckpt.latest_step() == 8 and ckpt.verify(8)["step"] == 8

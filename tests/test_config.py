@@ -230,3 +230,84 @@ def test_tied_llm_weight_listed_once_and_unknown_group(tmp_path):
     assert len(params) == len({id(p) for p in params}) == 1
     with pytest.raises(ConfigError, match=r"trainable: unknown module group\(s\) \['vision'\]; allowed: \['compressor', 'llm', 'projector'\]"):
         freeze(model, ["vision"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Value ranges (issue 18.9): each refused at load with one line naming the key
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optimizer.lr=-1e-4"], "optimizer.lr"),
+    (["optimizer.lr=.nan"], "optimizer.lr"),
+    (["optimizer.lr=nan"], "optimizer.lr"),
+    (["optimizer.lr=.inf"], "optimizer.lr"),
+    (["optimizer.group_lr={projector: -1}"], "optimizer.group_lr.projector"),
+    (["optimizer.betas=[0.9, 1.0]"], "optimizer.betas.1"),
+    (["optimizer.betas=[-0.1, 0.999]"], "optimizer.betas.0"),
+    (["optimizer.eps=0"], "optimizer.eps"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
+    (["optimizer.grad_clip=.nan"], "optimizer.grad_clip"),
+    (["schedule.total_steps=null", "schedule.epochs=0"], "schedule.epochs"),
+    (["schedule.total_steps=null", "schedule.epochs=-2"], "schedule.epochs"),
+    (["schedule.warmup_ratio=.nan"], "schedule.warmup_ratio"),
+    (["schedule.min_lr_ratio=1.5"], "schedule.min_lr_ratio"),
+    (["logging.every_steps=0"], "logging.every_steps"),
+    (["validation.max_batches=-1"], "validation.max_batches"),
+    (["validation.every_steps=-1"], "validation.every_steps"),
+    (["checkpoint.every_steps=-3"], "checkpoint.every_steps"),
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+    (["max_nonfinite_steps=-1"], "max_nonfinite_steps"),
+])
+def test_nonsense_values_are_refused_naming_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "c.yaml", _minimal()), overrides)
+    assert str(err.value).startswith(f"{key}: expected ") and "\n" not in str(err.value)
+
+
+def test_edge_values_that_make_sense_load(tmp_path):
+    cfg = load_config(_write(tmp_path, "c.yaml", _minimal()), [
+        "optimizer.lr=0", "optimizer.betas=[0.0, 0.0]", "optimizer.grad_clip=0", "logging.every_steps=1",
+        "validation.max_batches=0", "schedule.min_lr_ratio=1", "schedule.warmup_ratio=0"])
+    assert cfg.optimizer.lr == 0.0 and cfg.validation.max_batches == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming with a changed config (issue 18.7)
+
+
+def _saved(tmp_path, *overrides) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(_cfg(tmp_path, *overrides))
+
+
+def test_resume_lists_changes_it_can_follow(tmp_path):
+    from trainer.config import resume_changes
+
+    saved = _saved(tmp_path, "parallel.zero_stage=1")
+    assert resume_changes(saved, _cfg(tmp_path, "parallel.zero_stage=1")) == []
+    changes = resume_changes(saved, _cfg(tmp_path, "optimizer.lr=1e-9", "schedule.total_steps=20",
+                                         "parallel.zero_stage=2", "model.gradient_checkpointing=true"))
+    assert changes == ["model.gradient_checkpointing False -> True", "optimizer.lr 0.0001 -> 1e-09",
+                       "parallel.zero_stage 1 -> 2", "schedule.total_steps 10 -> 20"]
+    # A key the checkpoint's config does not have (added to the schema since) is not a change.
+    del saved["optimizer"]["eps"]
+    assert resume_changes(saved, _cfg(tmp_path, "parallel.zero_stage=1", "optimizer.eps=1e-6")) == []
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.compressor.hidden_size=64"], "model.compressor.hidden_size 1024 -> 64"),
+    (["trainable=[projector, llm]"], "trainable ['projector'] -> ['projector', 'llm']"),
+    (["parallel.zero_stage=3"], "parallel.zero_stage 2 -> 3"),
+    (["data.seed=5"], "data.seed 0 -> 5"),
+    (["parallel.precision=bf16"], "parallel.precision 'auto' -> 'bf16'"),
+    (["seed=3", "optimizer.lr=1"], "seed 0 -> 3"),
+])
+def test_resume_refuses_what_it_cannot_follow_in_one_line(tmp_path, overrides, named):
+    from trainer.config import resume_changes
+
+    with pytest.raises(ConfigError) as err:
+        resume_changes(_saved(tmp_path), _cfg(tmp_path, *overrides))
+    message = str(err.value)
+    assert message.startswith("resume: ") and named in message and "\n" not in message
+    assert "optimizer.lr" not in message  # honoured changes are not refused

@@ -143,7 +143,8 @@ def test_kill_and_signal_then_resume_match_uninterrupted_run(tiny_root, oracle):
     assert sorted(losses) == sorted(expected)
     for step, loss in expected.items():
         assert losses[step] == pytest.approx(loss, abs=1e-6, rel=0), step
-    client = torch.load(ckpt.root / str(STEPS) / "mp_rank_00_model_states.pt", weights_only=False)
+    # The client state (RNG, loader, config) holds only tensors and plain data: it loads weights-only.
+    client = torch.load(ckpt.root / str(STEPS) / "mp_rank_00_model_states.pt", weights_only=True)
     assert client["step"] == STEPS and len(client["loader_states"]) == 2
     assert len(client["rng_states"]) == 2 and client["config"]["run_dir"] == str(run)
 
@@ -173,10 +174,10 @@ def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, orac
 
     oracle_run, _ = oracle
     assert sorted(p.name for p in oracle_export.iterdir()) == [
-        "compressor.safetensors", "llm", "mambamia.json", "projector.safetensors"]
+        "compressor.safetensors", "llm", "mambamia.json", "projector.safetensors", "training.json"]
     dumped = torch.load(tiny_root / "logits.pt", weights_only=False)
     torch.testing.assert_close(_logits_of(oracle_export, dumped), dumped["logits"], atol=1e-6, rtol=0)
-    assert export_main([str(oracle_run), str(tmp_path / "x"), "--step", "5"]) == 1
+    assert export_main([str(oracle_run), str(tmp_path / "x"), "--step", "5"]) == 4
 
 
 @pytest.mark.slow
@@ -205,6 +206,70 @@ def test_zero3_stage2_checkpoint_holds_every_rank_and_exports_trained_logits(tin
     # A partition missing (rank 1's model states) is refused with a message naming the file.
     (ckpt.root / "2" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
     capsys.readouterr()
-    assert export_main([str(run), str(tmp_path / "broken")]) == 1
+    assert export_main([str(run), str(tmp_path / "broken")]) == 4
     assert "zero_pp_rank_1_mp_rank_00_model_states.pt" in capsys.readouterr().err
     assert not (tmp_path / "broken").exists()
+
+
+def _copy_checkpoint(oracle_run: Path, run: Path, step: int) -> Checkpointer:
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(oracle_run / "checkpoints" / str(step), run / "checkpoints" / str(step))
+    (run / "checkpoints" / "latest").write_text(f"{step}\n")
+    return Checkpointer(run)
+
+
+def _error_lines(run: Path) -> list[str]:
+    log = "".join(p.read_text() for p in run.glob("rank0.*.out"))
+    assert "Traceback" not in log, log[-3000:]
+    return [line for line in log.splitlines() if line.startswith("mambamia train:")]
+
+
+@pytest.mark.slow
+def test_unsafe_model_states_never_run_on_resume_or_export(tiny_root, oracle, tmp_path, capsys):
+    """Issue 18.1: a model-states file replaced by a pickle that runs code (its size written into
+    the marker, so only the weights-only load stands in the way)."""
+    from tests.test_checkpoint import _plant_payload
+    from trainer.export import main as export_main
+
+    run, ran = tiny_root / "runs" / "unsafe", tmp_path / "payload_ran"
+    ckpt = _copy_checkpoint(oracle[0], run, 4)
+    _plant_payload(ckpt.root / "4", ran)
+    capsys.readouterr()
+    assert export_main([str(run), str(tmp_path / "out")]) == 4
+    assert capsys.readouterr().err.count("\n") == 1
+    assert launch(run, 1, *COMMON, target=_train, env={"MAMBAMIA_TINY": str(tiny_root)}) == [4]
+    errors = _error_lines(run)
+    assert len(errors) == 1 and "mp_rank_00_model_states.pt" in errors[0]
+    assert not ran.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_resume_applies_a_new_learning_rate_and_refuses_a_new_model(tiny_root, oracle):
+    """Issue 18.7: lr 0 from step 4 on leaves the trained weights exactly as checkpoint 4 holds
+    them (the old code trained on at the saved rate); a changed model is refused in one line and
+    config.yaml keeps saying what is in effect."""
+    from trainer.config import load_config
+    from trainer.export import consolidated_state_dict
+
+    oracle_run, _ = oracle
+    run = tiny_root / "runs" / "new_lr"
+    _copy_checkpoint(oracle_run, run, 4)
+    env = {"MAMBAMIA_TINY": str(tiny_root)}
+    zero_lr = ["optimizer.lr=0", "optimizer.group_lr.projector=0"]
+    assert launch(run, 1, *COMMON, *zero_lr, target=_train, env=env) == [0]
+    before = consolidated_state_dict(oracle_run / "checkpoints" / "4")
+    after = consolidated_state_dict(run / "checkpoints" / str(STEPS))
+    assert sorted(before) == sorted(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr/compressor"] for r in rows if "loss" in r] == [0.0, 0.0]
+    assert load_config(run / "config.yaml").optimizer.lr == 0.0
+
+    refused = launch(run, 1, *COMMON, *zero_lr, "model.compressor.hidden_size=48",
+                     "trainable=[projector]", target=_train, env=env)
+    assert refused == [2]
+    errors = _error_lines(run)
+    assert len(errors) == 1
+    assert "model.compressor.hidden_size 32 -> 48" in errors[0] and "trainable" in errors[0]
+    saved = load_config(run / "config.yaml")
+    assert saved.model.compressor.hidden_size == 32 and saved.optimizer.lr == 0.0

@@ -248,10 +248,10 @@ def test_tensorboard_tags_hold_sensible_values(launched):
 
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(launched):
-    # NaN loss from step 3 on: step 3 skipped and counted, step 4 passes the limit of 1 -> exit 1
+    # NaN loss from step 3 on: step 3 skipped and counted, step 4 passes the limit of 1 -> exit 5
     # naming the step and the batch's keys, with parameters intact and nothing saved.
     report, run_dir = launched["report"]["nan"], launched["tmp"] / "nan"
-    assert report["rc"] == 1 and report["params_finite"]
+    assert report["rc"] == 5 and report["params_finite"]  # 5: diverged (trainer/errors.py)
     assert "step 4: non-finite loss nan" in launched["stderr"]
     assert "sample keys ['train_" in launched["stderr"]
     assert [r["nonfinite_steps"] for r in _rows(run_dir) if "loss" in r] == [0, 0, 1]

@@ -289,21 +289,20 @@ class Checkpointer:
             self.verify(step)
             return step
         candidates = self._candidates()
-        problems = []
+        problems: list[tuple[int, CheckpointError]] = []
         for candidate in candidates:
             try:
                 self.verify(candidate)
             except CheckpointError as err:
-                problems.append(f"{candidate}: {err}")
-                log.warning("checkpoint %d is not usable, trying the previous one: %s", candidate, err)
+                problems.append((candidate, err))
                 continue
-            if problems:
-                log.warning("resuming from checkpoint %d, the newest complete one before %s",
-                            candidate, candidates[0])
+            for skipped, err in problems:
+                log.warning("checkpoint %d is not usable, using checkpoint %d instead: %s",
+                            skipped, candidate, err)
             return candidate
         if candidates:
-            raise CheckpointError(f"{self.root}: no usable checkpoint among steps {candidates} "
-                                  f"(newest: {problems[0]}); move the folder away to start afresh")
+            raise CheckpointError(f"{self.root}: no usable checkpoint among steps {candidates} (newest: "
+                                  f"{problems[0][1]}); move the folder away to start afresh")
         return None
 
     def _candidates(self) -> list[int]:
@@ -311,8 +310,8 @@ class Checkpointer:
         newest first, without a readable `latest`)."""
         if not self.root.is_dir():
             return []
-        steps = sorted((int(m.group(1)) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name))),
-                       reverse=True)
+        steps = sorted((int(m.group(1)) for p in self.root.iterdir()
+                        if (m := _STEP_DIR.match(p.name)) and p.is_dir()), reverse=True)
         text = self._read_latest()
         if text is not None and text.isdigit() and int(text) in steps:
             named = int(text)
@@ -327,9 +326,9 @@ class Checkpointer:
         """Collective: every rank writes its part into `<step>.partial/`; rank 0 then publishes it."""
         final = self.root / str(step)
         # Saving the step `latest` already names (a stop signal right at a periodic save) would
-        # only rewrite identical state; every rank reads the same two files, so all skip together.
-        if self._read_latest() == str(step) and (final / MARKER).is_file():
-            _barrier()
+        # only rewrite identical state, unless that folder is damaged (a resume fell back past
+        # it). Rank 0 decides for all.
+        if self._already_saved(step):
             return final
         tag = f"{step}{PARTIAL_SUFFIX}"
         if _rank() == 0:
@@ -366,6 +365,19 @@ class Checkpointer:
             self._prune(keep=step)
         _barrier()
         return final
+
+    def _already_saved(self, step: int) -> bool:
+        """Collective: `latest` names `step` and its folder's files match its marker."""
+        decision = [False]
+        if _rank() == 0 and self._read_latest() == str(step):
+            try:
+                _check_manifest(self.root / str(step), self.info(step).get("files") or {})
+                decision = [True]
+            except CheckpointError:
+                pass
+        if _world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        return decision[0]
 
     def _prune(self, keep: int) -> None:
         """Keep `keep` and the newest `keep_last` steps whose files are all there (sizes checked,
@@ -500,6 +512,8 @@ class Checkpointer:
 
 
 def _read_marker(folder: Path, step: int) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
     path = folder / MARKER
     try:
         marker = json.loads(path.read_bytes())
