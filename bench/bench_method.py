@@ -78,6 +78,9 @@ class Spec:
     """Patches of the one frame that carry the needle."""
     keyframes: int = 8
     """Frames kept by every variant: the token budget is keyframes x (patches/k + 1)."""
+    keep_first_last: bool = False
+    """Off here: forcing the two ends in would spend 2 of the few kept frames on frames that hold
+    an event no more often than any other."""
     k: int = 4
     hidden: int = 32
 
@@ -88,7 +91,13 @@ class Recipe:
 
     steps: int = 300
     batch: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3
+    """Peak learning rate of the LLM."""
+    module_lr: float = 1e-2
+    """Peak learning rate of the freshly initialised compressor and projector (10x the LLM's, as
+    in `mambamia demo`, where one shared rate learned the answer format but not the answer)."""
+    tasks: tuple = TASKS
+    """Tasks mixed in training (and scored)."""
     warmup: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -140,7 +149,8 @@ def compressor_config(variant: str, spec: Spec) -> CompressorConfig:
     return CompressorConfig(
         input_dim=spec.dim, patches_per_frame=spec.patches, hidden_size=spec.hidden, num_layers=1,
         k=spec.k, taa_layers=1, keyframes=spec.keyframes, d_state=16, headdim=16, expand=2,
-        ssd_chunk_size=64, gpa_dropout=0.0, transformer_heads=2, **VARIANTS[variant])
+        ssd_chunk_size=64, gpa_dropout=0.0, transformer_heads=2,
+        keep_first_last=spec.keep_first_last, **VARIANTS[variant])
 
 
 def build_model(variant: str, spec: Spec, llm_dir: Path, seed: int) -> VideoLLM:
@@ -169,16 +179,20 @@ def train(model: VideoLLM, spec: Spec, recipe: Recipe, pat: Patterns, frames: in
           rng: np.random.Generator) -> list[float]:
     """The trainer's step in memory: AdamW over every parameter (no decay on vectors), the
     trainer's warm-up + cosine schedule, gradient clipping; a fresh batch every step."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
+    groups = []
+    for name, params in model.module_groups().items():
+        lr = recipe.lr if name == "llm" else recipe.module_lr
+        for decay in (True, False):
+            chosen = [p for _, p in params if (p.ndim >= 2) == decay]
+            groups.append({"params": chosen, "lr": lr,
+                           "weight_decay": recipe.weight_decay if decay else 0.0})
+    opt = torch.optim.AdamW(groups)
     warm = math.ceil(recipe.warmup * recipe.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe.steps, warm, 0.1))
     model.train()
     losses = []
     for step in range(recipe.steps):
-        tasks = rng.choice(TASKS, recipe.batch)
+        tasks = rng.choice(recipe.tasks, recipe.batch)
         out = model(**batch_of(model.tokenizer, [make_video(t, spec, pat, frames, rng)
                                                  for t in tasks]))
         opt.zero_grad(set_to_none=True)
@@ -196,7 +210,7 @@ def evaluate(model: VideoLLM, spec: Spec, recipe: Recipe, pat: Patterns, frames:
     compressor kept a frame holding the planted pattern (needle frame, any event frame)."""
     qa = ModelQA(model, model.tokenizer, max_frames=None, target="letter")
     out = {}
-    for task in TASKS:
+    for task in recipe.tasks:
         correct = kept_hits = 0
         for i in range(recipe.eval_items):
             x, question, options, answer, where = make_video(task, spec, pat, frames, rng)
@@ -219,7 +233,13 @@ def run_one(variant: str, frames: int, seed: int, spec: Spec, recipe: Recipe, ll
     losses = train(model, spec, recipe, pat, frames, np.random.default_rng([seed, frames, 1]))
     result = evaluate(model, spec, recipe, pat, frames, np.random.default_rng([seed, frames, eval_seed]))
     tail = max(1, len(losses) // 10)
+    planted = None
+    if model.compressor.config.frame_selection == "delta":
+        # 17.7's check on the trained TAA: a distinct frame among identical ones must rank first.
+        planted = [score_profile(model.compressor, spec, frames, s)["planted_rank"]
+                   for s in range(5)]
     return {"variant": variant, "frames": frames, "seed": seed, "tasks": result,
+            "trained_planted_ranks": planted,
             "loss_start": statistics.mean(losses[:tail]), "loss_end": statistics.mean(losses[-tail:]),
             "seconds": time.perf_counter() - t0}
 
@@ -389,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                     accs = " ".join(f"{t} {100 * r['tasks'][t]['accuracy']:.0f}%" for t in TASKS)
                     print(f"[{time.perf_counter() - t0:7.0f}s] {v:<17} frames {n:<5} seed {seed}: "
                           f"{accs} | loss {r['loss_start']:.2f}->{r['loss_end']:.2f} "
+                          f"| planted-frame ranks {r['trained_planted_ranks']} "
                           f"({r['seconds']:.0f}s)", flush=True)
     table = summarize(runs, variants, lengths)
     wall = time.perf_counter() - t0
