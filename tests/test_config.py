@@ -254,6 +254,7 @@ def test_tied_llm_weight_listed_once_and_unknown_group(tmp_path):
     (["logging.every_steps=0"], "logging.every_steps"),
     (["validation.max_batches=-1"], "validation.max_batches"),
     (["validation.every_steps=-1"], "validation.every_steps"),
+    (["validation.sources=[{path: /v, weight: .nan}]"], "validation.sources.0.weight"),
     (["checkpoint.every_steps=-3"], "checkpoint.every_steps"),
     (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     (["max_nonfinite_steps=-1"], "max_nonfinite_steps"),

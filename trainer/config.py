@@ -180,6 +180,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1, inf, False, False, ">= 1"),
         ("validation.every_steps", cfg.validation.every_steps, 0, inf, False, False, ">= 0 (0: at the end only)"),
         ("validation.max_batches", cfg.validation.max_batches, 0, inf, False, False, ">= 0 (0: all)"),
+        *((f"validation.sources.{i}.weight", src.weight, 0, inf, False, True, "a finite number >= 0")
+          for i, src in enumerate(cfg.validation.sources)),
         ("logging.every_steps", cfg.logging.every_steps, 1, inf, False, False, ">= 1"),
     ]
     for key, value, low, high, low_open, high_open, expected in checks:
