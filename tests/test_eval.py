@@ -265,7 +265,11 @@ def test_eval_command_on_tiny_model(tiny_assets, tmp_path):
     assert report["scored"] == 2 and report["unanswered"] == 1
     assert (tmp_path / "eval" / "report.txt").read_text().startswith(" ")
     lines = (tmp_path / "eval" / "open.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["vid_a#0", "vid_b#0"]
+    # each conversation's first turn, and each question asked bare with its answer's text as reference
+    rows = [json.loads(line) for line in lines]
+    assert [r["id"] for r in rows] == ["a1", "a2", "b1", "vid_a#0", "vid_b#0"]
+    assert [r["reference"] for r in rows] == ["option 2", None, "option 1", "red", "red"]
+    assert rows[0]["prompt"] == "<video>\nquestion a1?"
 
     # two independent jobs: the second to finish merges, and the merge equals the single run
     merged = tmp_path / "eval" / "merged.json"
@@ -427,3 +431,13 @@ def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path):
             positions = [t for t in range(1, len(spliced)) if spliced[t] != -100][:len(answer)]
             expected.append(sum(logp[t - 1, spliced[t]].item() for t in positions))
         assert p["scores"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_one_open_ended_answer_for_every_video_warns():
+    from trainer.evaluate import open_ended_warnings
+
+    rows = [{"answer": "gred"} for _ in range(6)]
+    assert open_ended_warnings(rows) == [
+        "open-ended: 6 of 6 answers are 'gred', whatever the video: the model has not learned to look"]
+    varied = [{"answer": c} for c in ["red", "blue", "red", "green", "yellow", "red"]]
+    assert open_ended_warnings(varied) == [] and open_ended_warnings(rows[:4]) == []

@@ -6,7 +6,8 @@
     mambamia eval ... --rank 0 --world-size 4   # one of 4 independent jobs; the last one merges
 
 SHARDS_DIR is a folder written by `mambamia convert` (shards + index.json). Every record's `qa`
-items are scored; `--open-ended FILE.jsonl` also answers every record's first human turn.
+items are scored; `--open-ended FILE.jsonl` also answers every record's first human turn and every
+`qa` question asked bare (no options), beside the reference answer.
 
 Rules (they decide the numbers, so they are fixed and written down here):
 - `loglik` picks the option whose answer text has the highest log-likelihood after the prompt.
@@ -451,13 +452,14 @@ scoring modes: pick the one that matches how the model was taught to answer
       Greedy decoding after the letter prompt; the letter (or an option's exact text) is parsed
       from the output, anything else counts as wrong and `unparsed`. Shows what the model says.
   open-ended                  --open-ended FILE.jsonl   (beside any method)
-      Every record's first human turn answered by generation, next to the reference answer; no
-      accuracy. Fits models trained on free-form answers; read it or give it to a judge.
+      Every record's first human turn, and every multiple-choice question without its options,
+      answered by generation next to the reference answer; no accuracy. Fits models trained on
+      free-form answers; read it or give it to a judge.
 
 Warnings (in the table, on stderr and in the report's `warnings`) say when the accuracy cannot
 mean what it seems: one option chosen nearly everywhere, letter probabilities tiny or flat, most
-generated answers naming no option, a training mixture (the export's training.json) with no
-multiple-choice items while letters are scored.
+generated answers naming no option, one open-ended answer for every video, a training mixture
+(the export's training.json) with no multiple-choice items while letters are scored.
 
 example: mambamia eval runs/stage2_export data/lvbench_shards --out eval/lvbench.json
 """
@@ -513,13 +515,38 @@ def _score_share(args: argparse.Namespace, rank: int, world_size: int) -> dict:
                                    generate_fn=lambda item: qa.generate(
                                        f"{VIDEO_TOKEN}\n{mcq_prompt(item.question, item.options)}", features))
         if args.open_ended:
-            for i, conv in enumerate(record.meta.get("conversations", [])):
-                human = next((t["value"] for t in conv if t.get("from") == "human"), None)
-                reference = next((t["value"] for t in conv if t.get("from") == "gpt"), None)
-                if human is not None:
-                    answers.append({"id": f"{record.key}#{i}", "key": record.key, "prompt": human,
-                                    "reference": reference, "answer": qa.generate(human, features)})
+            answers += open_ended_answers(record, qa, features)
     return {"predictions": predictions, "visual_tokens": tokens, "kept_frames": kept, "open_ended": answers}
+
+
+def open_ended_answers(record, qa: "ModelQA", features: np.ndarray) -> list[dict]:
+    """The model's own words for every conversation's first human turn and for every
+    multiple-choice question asked bare (no options), beside the reference answer."""
+    rows = []
+    for i, conv in enumerate(record.meta.get("conversations", [])):
+        human = next((t["value"] for t in conv if t.get("from") == "human"), None)
+        reference = next((t["value"] for t in conv if t.get("from") == "gpt"), None)
+        if human is not None:
+            rows.append({"id": f"{record.key}#{i}", "key": record.key, "prompt": human,
+                         "reference": reference, "answer": qa.generate(human, features)})
+    for item in record.items:
+        prompt = f"{VIDEO_TOKEN}\n{item.question.strip()}"
+        rows.append({"id": item.id, "key": record.key, "prompt": prompt,
+                     "reference": None if item.answer is None else item.options[item.answer],
+                     "answer": qa.generate(prompt, features)})
+    return rows
+
+
+def open_ended_warnings(rows: list[dict]) -> list[str]:
+    """One line when (nearly) every open-ended answer is the same text, whatever the video."""
+    if len(rows) < MIN_ITEMS_TO_DIAGNOSE:
+        return []
+    texts = [r["answer"].strip() for r in rows]
+    top = max(set(texts), key=texts.count)
+    if texts.count(top) < CONSTANT_CHOICE * len(texts):
+        return []
+    return [f"open-ended: {texts.count(top)} of {len(texts)} answers are {top!r}, whatever the video: "
+            "the model has not learned to look"]
 
 
 def recorded_training_forms(export_dir: str | Path) -> list[str] | None:
@@ -539,6 +566,8 @@ def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
     report["diagnostics"], report["warnings"] = diagnose(report["predictions"], method=args.method,
                                                          target=args.target, training_forms=forms)
     report["diagnostics"]["training_answer_forms"] = forms
+    rows = sorted((a for part in parts for a in part["open_ended"]), key=lambda a: a["id"])
+    report["warnings"] += open_ended_warnings(rows)
     kept = {k: v for part in parts for k, v in part["kept_frames"].items()}
     report.update(export_dir=str(args.export_dir), shards=str(args.shards), target=args.target,
                   reduce=args.reduce, world_size=len(parts),
@@ -548,7 +577,6 @@ def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
     write_atomic(out, json.dumps(report, indent=1) + "\n")
     write_atomic(out.with_suffix(".txt"), table + "\n")
     if args.open_ended:
-        rows = sorted((a for part in parts for a in part["open_ended"]), key=lambda a: a["id"])
         write_atomic(args.open_ended, "".join(json.dumps(r) + "\n" for r in rows))
     print(table)
     for warning in report["warnings"]:

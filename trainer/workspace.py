@@ -13,7 +13,8 @@ Annotations: any form `mambamia convert` reads (LLaVA/ShareGPT conversations, ML
 LVBench). `--test` items become the validation set of both stages and what `mambamia eval` scores.
 Evaluation scores in the form the training data taught: option letters when the training shards
 hold multiple-choice items, otherwise each option's text as the answer to the bare question
-(`--target text`); open-ended answers are written beside the report either way.
+(`--target text`); open-ended answers are written beside the report either way. Training runs
+2 processes (ZeRO-3 by default, as the demo); by hand one process works too.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _convert(args: argparse.Namespace, ws: Path, annotations: str, split: str) -
 def _overrides(args: argparse.Namespace, steps: int) -> list[str]:
     return [f"data.max_frames={args.max_frames}", f"model.compressor.keyframes={args.keyframes}",
             f"schedule.total_steps={steps}", f"checkpoint.every_steps={steps}",
-            f"validation.every_steps={max(1, steps // 2)}", f"seed={args.seed}"]
+            f"validation.every_steps={max(1, steps // 2)}", f"parallel.zero_stage={args.zero_stage}",
+            f"seed={args.seed}"]
 
 
 def plan(args: argparse.Namespace, ws: Path) -> list[tuple[str, list[str]]]:
@@ -119,6 +121,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-frames", type=int, default=16, help="frames per video at most (default 16)")
     p.add_argument("--keyframes", type=int, default=4, help="frames the compressor keeps (default 4)")
     p.add_argument("--steps", type=int, default=40, help="stage-2 optimizer steps; stage 1 gets half (default 40)")
+    p.add_argument("--zero-stage", type=int, choices=[1, 2, 3], default=3,
+                   help="DeepSpeed ZeRO stage of both training stages (default 3, as the demo)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     given = [args.videos is not None, args.train is not None, args.test is not None]
@@ -142,7 +146,7 @@ def main(argv: list[str]) -> int:
     print(f"tiny tokenizer, LLM and SigLIP in {ws}", flush=True)
     if args.videos is None:
         demo = argparse.Namespace(videos="VIDEOS", train="train.json", test="test.json", fps=1.0,
-                                  max_frames=16, keyframes=4, steps=40, seed=0)
+                                  max_frames=16, keyframes=4, steps=40, zero_stage=3, seed=0)
         print(f"\nnext, with your videos and annotations (or all at once: mambamia tiny {shlex.quote(str(ws))} "
               "--videos VIDEOS --train train.json --test test.json):\n")
         print(f"export MAMBAMIA_TINY={shlex.quote(str(ws))}")
