@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps per timed round (CPU 4, CUDA 5)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--override", nargs="*", default=[],
+                        help="dotted config overrides for every config, e.g. parallel.zero_stage=1")
     parser.add_argument("--profile", action="store_true",
                         help="CPU: per-phase time of engine vs bare loop (forward, backward, optimizer "
                              "step, rest of the step) and DeepSpeed's costliest functions")
@@ -363,12 +365,13 @@ def main(argv: list[str] | None = None) -> int:
                       "logging.tensorboard=false"]  # tensorboard is not among the wheels that travel
             for path in args.configs or [str(REPO_ROOT / "configs/tiny/stage2.yaml")]:
                 for zero in args.zero_stages:
-                    rows.append(bench_config(path, root, common + [f"parallel.zero_stage={zero}"], info, args,
+                    rows.append(bench_config(path, root, common + [f"parallel.zero_stage={zero}", *args.override],
+                                             info, args,
                                              f"{Path(path).stem} ~{args.llm_layers}-layer Qwen2"))
         else:
             build_data(root, samples=32, words=24)
             for path in args.configs or [str(REPO_ROOT / f"configs/tiny/stage{n}.yaml") for n in (1, 2)]:
-                rows.append(bench_config(path, root, [], info, args, Path(path).stem))
+                rows.append(bench_config(path, root, args.override, info, args, Path(path).stem))
     target = 0.85 if on_cuda else 0.9
     worst = min(r["ratio"] for r in rows)
     report = {"bench": "train", "device": str(info.device), "clock": "wall" if on_cuda else "process CPU time",
