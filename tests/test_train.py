@@ -350,3 +350,21 @@ def test_missing_index_is_a_one_line_data_error(tiny_assets, tmp_path):
     errors = [line for line in log.splitlines() if line.startswith("mambamia train:")]
     assert len(errors) == 1, log[-2000:]
     assert errors[0].startswith(f"mambamia train: data: {root}/shards/train/index.json: ")
+
+
+def test_loader_stops_are_data_errors_and_bugs_keep_their_traceback():
+    from data.records import BadRecord
+    from trainer.errors import DataError
+    from trainer.train import next_batch
+
+    def failing(err):
+        raise err
+        yield
+
+    with pytest.raises(DataError, match="^training data: "):
+        next_batch(failing(BadRecord("npy", "truncated header", shard="s.tar", key="k")))
+    with pytest.raises(DataError, match="^training data: "):
+        next_batch(failing(FileNotFoundError("shards/a.tar: gone")))
+    # A RuntimeError raised outside data/ (here: in this test) is a bug, not bad data.
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        next_batch(failing(RuntimeError("a bug")))

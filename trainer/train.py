@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,13 +209,30 @@ def open_loader(data_cfg, tokenizer, rank: int, world_size: int, what: str):
 
 def next_batch(batches: Iterator[dict]) -> dict:
     """The next training batch; the loader's own stop (too many bad records, unreadable shards)
-    is a DataError. Its messages name the source and shard."""
+    is a DataError, its message naming the source and shard. Other errors (bugs) keep their
+    traceback."""
     from data.records import BadRecord
 
     try:
         return next(batches)
-    except (OSError, ValueError, RuntimeError, BadRecord) as err:
+    except (OSError, BadRecord) as err:
         raise errors.DataError(f"training data: {errors.one_line(err)}") from err
+    except (ValueError, RuntimeError) as err:
+        if not _raised_in_data_package(err):
+            raise
+        raise errors.DataError(f"training data: {errors.one_line(err)}") from err
+
+
+def _raised_in_data_package(err: BaseException) -> bool:
+    """Whether the innermost frame of `err` is in data/ (for an error a DataLoader re-raises, the
+    worker's traceback, which it keeps in the message)."""
+    import data
+
+    in_message = re.findall(r'File "([^"]+)"', str(err))
+    frames = traceback.extract_tb(err.__traceback__)
+    innermost = in_message[-1] if in_message else (frames[-1].filename if frames else None)
+    package = Path(data.__file__).resolve().parent
+    return innermost is not None and Path(innermost).resolve().is_relative_to(package)
 
 
 def resume(ckpt: Checkpointer, point: dict, changes: list[str], engine, scheduler, loader,
