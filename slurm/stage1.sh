@@ -3,6 +3,7 @@
 #
 #   sbatch slurm/stage1.sh                                   # on a cluster (edit #SBATCH below)
 #   bash slurm/stage1.sh                                     # this machine: its GPUs, or 2 CPU ranks
+#   sbatch -N 2 slurm/stage1.sh                              # two nodes: shared RUN_DIR (slurm/README.md)
 #   CONFIG=configs/tiny/stage1.yaml RUN_DIR=runs/tiny1 EXTRA="schedule.total_steps=20" sbatch slurm/stage1.sh
 #
 # Environment overrides (sbatch passes the submitting shell's environment to the job):

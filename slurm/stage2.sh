@@ -4,6 +4,7 @@
 #   sbatch slurm/stage2.sh                                   # on a cluster (edit #SBATCH below)
 #   sbatch --dependency=afterok:$STAGE1_JOB slurm/stage2.sh  # start when stage 1 succeeded
 #   bash slurm/stage2.sh                                     # this machine: its GPUs, or 2 CPU ranks
+#   sbatch -N 2 slurm/stage2.sh                              # two nodes: shared RUN_DIR (slurm/README.md)
 #   CONFIG=configs/tiny/stage2.yaml RUN_DIR=runs/tiny2 EXTRA="schedule.total_steps=20" sbatch slurm/stage2.sh
 #
 # Environment overrides (sbatch passes the submitting shell's environment to the job):

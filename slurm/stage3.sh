@@ -4,6 +4,7 @@
 #   sbatch slurm/stage3.sh                                   # on a cluster (edit #SBATCH below)
 #   sbatch --dependency=afterok:$STAGE2_JOB slurm/stage3.sh  # start when stage 2 succeeded
 #   bash slurm/stage3.sh                                     # this machine: its GPUs, or 2 CPU ranks
+#   sbatch -N 2 slurm/stage3.sh                              # two nodes: shared RUN_DIR (slurm/README.md)
 #   CONFIG=configs/tiny/stage3.yaml RUN_DIR=runs/tiny3 EXTRA="schedule.total_steps=20" sbatch slurm/stage3.sh
 #
 # Environment overrides (sbatch passes the submitting shell's environment to the job):
