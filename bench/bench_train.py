@@ -143,6 +143,7 @@ class Framework:
                                                       total_steps=cfg.schedule.total_steps, on_cuda=info.on_cuda)
         self.dtype = torch.bfloat16 if resolve_precision(cfg, info.on_cuda) == "bf16" else torch.float32
         self.batches = endless(self.loader)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)  # as trainer.train.run does
         self.metrics = MetricsLogger(Path(cfg.run_dir), enabled=True, start_step=0, total_steps=cfg.schedule.total_steps,
                                      tensorboard=cfg.logging.tensorboard, progress_bar=False)
         self.step_count = 0
@@ -207,12 +208,10 @@ class Bare:
         return tokens, loss_sum / accum
 
 
-def collect_batches(cfg, info, count: int) -> list[dict]:
+def collect_batches(cfg, info, tokenizer, count: int) -> list[dict]:
     """The first `count` micro-batches the framework's loader yields (same seed, same order)."""
-    from model.video_llm import VideoLLM
     from trainer.train import endless, open_loader
 
-    tokenizer = VideoLLM.build(cfg.model).tokenizer
     batches = endless(open_loader(cfg.data, tokenizer, info.rank, info.world_size, "data"))
     return [next(batches) for _ in range(count)]
 
@@ -291,7 +290,7 @@ def bench_config(path: str, root: Path, overrides: list[str], info, args, label:
     cfg = run_config(path, root, overrides)
     framework = Framework(cfg, info)
     needed = framework.accum * (args.warmup + args.rounds * args.steps)
-    bare = Bare(cfg, info, collect_batches(cfg, info, needed))
+    bare = Bare(cfg, info, collect_batches(cfg, info, framework.model.tokenizer, needed))
     # On CPU the process's CPU seconds (one process, one intra-op thread; gloo's threads count too),
     # which other processes on a shared machine do not inflate; on CUDA wall seconds.
     clock = time.perf_counter if info.on_cuda else time.process_time
