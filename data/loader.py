@@ -6,6 +6,9 @@
     for batch in loader: ...             # the rest of the current epoch, then the epoch advances
     saved = loader.state_dict()          # a handful of integers
 
+Each source's index.json is first checked against its shards (data/dataset.py; how far:
+`data.verify_index`): a stale, duplicated or escaping index is a one-line error before training.
+
 The scheme, in order:
 1. Epoch sequence. Mixture epoch `e` has `samples_per_epoch` = N positions (default: the sum of
    the sources' sample counts). Source s gets c_s of them (largest-remainder apportionment of N by

@@ -2,8 +2,9 @@
 
 A shard's tar headers are scanned once (header blocks only, data is skipped by seeking) into a
 table of member offsets, so a record is read with positioned reads straight into its destination
-buffer: the same copy `cat` makes, and no per-record tar parsing. The npy header is matched field
-by field (never evaluated, never unpickled); object and structured dtypes are refused.
+buffer: the same copy `cat` makes, and no per-record tar parsing (data/shards.py: scan_shard). The
+npy header is matched against numpy's grammar (never evaluated, never unpickled); object and
+structured dtypes are refused.
 
     reader = ShardReader()
     head = reader.head("shards/shard-r00000-000000.tar", 3)   # meta + npy layout, BadRecord if not
@@ -38,7 +39,6 @@ the top level (a turn that is not an object, a qa item without its question, ...
 MAX_META_BYTES = 16 << 20
 """A record's JSON is a few KB; a larger member is refused before it is read."""
 _NPY_HEAD_PROBE = 4096
-
 _READ_PIECE = 1 << 20  # even, so pieces split no float16
 
 

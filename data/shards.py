@@ -1,4 +1,5 @@
-"""Writing feature shards and the dataset index (format: ../shared/DESIGN.md, "The shard format").
+"""Writing feature shards and the dataset index, and scanning a shard's tar headers (format:
+../shared/DESIGN.md, "The shard format").
 
 A shard is a plain POSIX tar holding, per video, `<key>.features.npy` (float16 [F, P, D]) and
 `<key>.json` (the record metadata). Each rank writes its own shards with deterministic names,
@@ -11,6 +12,10 @@ complete and synced. A rerun after a kill therefore finds two kinds of files: co
             if key not in writer.done_keys:
                 writer.write(key, features, meta)
     write_index("out")   # once every rank has finished
+
+`scan_shard` reads a tar's headers only (the readers' table of member offsets) and says whether the
+tar is complete: a compressed file, a garbled or cut header, a member past the end of the file or
+missing end-of-archive blocks make it incomplete, and `write_index` refuses to index such a shard.
 """
 from __future__ import annotations
 

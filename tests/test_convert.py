@@ -527,11 +527,12 @@ def test_os_error_is_a_failure_and_work_is_kept(tmp_path, capsys, monkeypatch):
     _feature_files(tmp_path / "feats", names)
     conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
     long_name = "a" * 300 + ".mp4"
-    ann = _write(tmp_path / "ann.json", [{"video": v, "conversations": conv} for v in [long_name, *(f"{n}.mp4" for n in names)]])
+    videos = [long_name, *(f"{n}.mp4" for n in names)]
+    ann = _write(tmp_path / "ann.json", [{"video": v, "conversations": conv} for v in videos])
     argv = ["--annotations", str(ann), "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "out"),
             "--no-progress", "--decode-workers", "1"]
     real_finish = data.convert.Converter.finish
-    order = sorted(make_key(v) for v in [long_name, *(f"{n}.mp4" for n in names)])
+    order = sorted(make_key(v) for v in videos)
     third_ok = [k for k in order if not k.startswith("a" * 60)][2]
 
     def finish(self, key, *rest):

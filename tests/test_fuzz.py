@@ -73,7 +73,8 @@ def npy_files(draw) -> bytes:
             elif mutation == 6:
                 quote = '"'
         sep = draw(st.sampled_from([", ", ", ", ",", " , "]))
-        header = "{" + sep.join(f"{quote}{k}{quote}: {v}" for k, v in entries) + draw(st.sampled_from([", ", "", ","])) + "}"
+        tail = draw(st.sampled_from([", ", "", ","]))
+        header = "{" + sep.join(f"{quote}{k}{quote}: {v}" for k, v in entries) + tail + "}"
     header += " " * draw(st.integers(0, 70)) + "\n"
     raw = header.encode("latin1", "replace")
     length = len(raw) + off

@@ -120,7 +120,8 @@ def test_failed_write_keeps_the_records_before_it(tmp_path, monkeypatch):
             for i, (key, feats, meta) in enumerate(records):
                 if i == 2:  # the third record's write stops after 700 bytes, once
                     real = w._file.write
-                    monkeypatch.setattr(w._file, "write", lambda data: _half_then_enospc(real, data, monkeypatch, w._file))
+                    monkeypatch.setattr(w._file, "write",
+                                        lambda data: _half_then_enospc(real, data, monkeypatch, w._file))
                 w.write(key, feats, meta)
     (shard,) = completed_shards(tmp_path)
     assert _read_tar(shard).keys() == {"vid_000", "vid_001"}
