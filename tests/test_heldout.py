@@ -148,11 +148,77 @@ def test_mismatch_note_names_the_untaught_form(tmp_path):
 
 
 @pytest.mark.parametrize("n, world, batch", [(7, 2, 2), (4, 2, 2), (1, 3, 2), (10, 3, 1)])
-def test_validation_share_covers_every_sample_once_with_equal_batch_counts(n, world, batch):
+def test_validation_share_counts_every_sample_once_in_full_batches(n, world, batch):
     from trainer.validation import _my_batches
 
     samples = list(range(n))
     shares = [_my_batches(samples, r, world, batch) for r in range(world)]
-    assert len({len(s) for s in shares}) == 1  # same number of forwards on every rank
-    flat = sorted(x for share in shares for b in share for x in b)
-    assert flat == samples
+    # every rank makes the same calls with the same batch size (ZeRO-3), as training's loader does
+    assert len({len(s) for s in shares}) == 1
+    assert all(len(b) == batch for share in shares for b in share)
+    counted = sorted(x for share in shares for b in share for x, c in b if c)
+    assert counted == samples
+
+
+# ---------------------------------------------------------------- the held-out run, end to end
+
+def _held_out_task(root):
+    """Short needle videos; LLaVA training annotations answered in words; an MLVU-style test
+    file whose items carry no question_id (as MLVU's own files)."""
+    import json
+
+    from data.needle import QUESTION, NeedleConfig, write_needle_task
+
+    common = dict(duration_s=12.0, fps=2.0, size=32, needle_side=1.0, needle_s=3.0)
+    train = write_needle_task(root / "videos", NeedleConfig(videos=8, seed=0, **common), split="train",
+                              progress=False)
+    # 3 test videos: 6 held-out samples (letter and word form) do not fill the last validation
+    # batch of 2 ranks x 2, which must not leave ZeRO-3's ranks out of step
+    test = write_needle_task(root / "videos", NeedleConfig(videos=3, seed=1, **common), split="test",
+                             progress=False)
+    truth = json.loads(train["truth"].read_text())["videos"]
+    (root / "train.json").write_text(json.dumps([
+        {"id": t["video_id"], "video": f"train/{t['video_id']}.mp4", "conversations": [
+            {"from": "human", "value": f"<video>\n{QUESTION}"}, {"from": "gpt", "value": t["colour"]}]}
+        for t in truth]))
+    mcq = json.loads(test["mcq"].read_text())
+    for item in mcq:
+        del item["question_id"]
+    (root / "test.json").write_text(json.dumps(mcq))
+    return root
+
+
+@pytest.mark.slow
+def test_held_out_task_runs_end_to_end_and_says_what_it_cannot_score(tmp_path):
+    """convert (~1 fps) -> stage 1 -> export -> stage 2 -> export -> eval through `mambamia tiny`
+    (2 processes, ZeRO-3)."""
+    import json
+
+    from trainer.evaluate import iter_records, main as eval_main
+    from trainer.workspace import main
+
+    data = _held_out_task(tmp_path / "data")
+    ws = tmp_path / "ws"
+    assert main([str(ws), "--videos", str(data / "videos"), "--train", str(data / "train.json"),
+                 "--test", str(data / "test.json"), "--steps", "4", "--max-frames", "12"]) == 0
+
+    for record in iter_records(ws / "shards" / "val"):  # ~1 frame per second of the 12 s videos
+        times = record.meta["timestamps"]
+        assert 10 <= len(times) <= 12 and np.diff(times) == pytest.approx(1.0, abs=0.26)
+    export = ws / "exports" / "stage2"
+    assert json.loads((export / "training.json").read_text())["answer_forms"] == ["open"]
+    rows = [json.loads(line) for line in (ws / "runs" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val/loss" in r]
+    assert val and all(r["val/loss"] == r["val/loss_open"] and "val/loss_mc" in r for r in val)
+    assert "val/loss_mc scores a form training never asked for" in (ws / "logs" / "train_stage2.log").read_text()
+
+    # the words the model learned are scored as words, every item scored
+    report = json.loads((ws / "eval" / "report.json").read_text())
+    assert report["target"] == "text" and report["items"] == report["scored"] == 3
+    assert len(set(p["id"] for p in report["predictions"])) == 3
+    assert len((ws / "eval" / "open_ended.jsonl").read_text().splitlines()) == 3
+    # letters asked of a model taught words: said plainly
+    out = tmp_path / "letters.json"
+    assert eval_main([str(export), str(ws / "shards" / "val"), "--out", str(out)]) == 0
+    warnings = json.loads(out.read_text())["warnings"]
+    assert any("holds no multiple-choice items" in w for w in warnings)
