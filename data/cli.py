@@ -32,6 +32,9 @@ examples:
   srun -n 8 mambamia convert --annotations mlvu/*.json --videos /data/mlvu --encoder ENC --out OUT
   mambamia convert --merge-only OUT
 
+  # check a dataset folder (copied, or old) against its index: counts, checksums, every record
+  mambamia convert --verify OUT
+
 A rerun after a kill skips the videos in complete shards and rewrites the unfinished one (and sets
 aside, as NAME.tar.damaged, a complete shard found cut short, converting its videos again). A video
 that cannot be converted (missing, undecodable, a path outside --videos/--features, a name the file
@@ -116,6 +119,9 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run-id", help="id shared by the ranks of one launch, so --merge ignores summaries of "
                                     "earlier runs (default: SLURM_ARRAY_JOB_ID or SLURM_JOB_ID)")
     g.add_argument("--merge-only", metavar="OUT", help="only write OUT/index.json from its complete shards")
+    g.add_argument("--verify", metavar="OUT",
+                   help="only check OUT/index.json against its shards (names, sample counts, sha256) and read "
+                        "every record's metadata and npy header: exit 0 if all hold, 2 naming what does not")
 
 
 class _StopOnSignals:
@@ -191,6 +197,29 @@ def _merge_only(prog: str, out: str, progress: bool) -> int:
     return 0
 
 
+def _verify_only(prog: str, out: str) -> int:
+    """Every check the loader makes before reading features, plus the checksums: a full read."""
+    from data.dataset import DatasetError, open_dataset  # imports torch (data.records)
+    from data.records import BadRecord
+
+    try:
+        dataset = open_dataset(out, verify="sha256")
+    except DatasetError as err:
+        return _fail(prog, str(err))
+    reader, bad = dataset.reader(), 0
+    for shard in dataset.shards:
+        for i in range(shard.samples):
+            try:
+                reader.head(shard.path, i)
+            except BadRecord as err:
+                bad += 1
+                print(f"bad record: {err.line()}", file=sys.stderr)
+    reader.close()
+    print(f"{Path(out) / 'index.json'}: {len(dataset.shards)} shards, {dataset.size} records; names, sample "
+          f"counts and sha256 match the shards; {bad} record(s) with bad metadata or npy header")
+    return 2 if bad else 0
+
+
 def _print_index(out: str, index: dict) -> None:
     total = total_summary(out)
     if total is not None and total.world_size > 1:
@@ -223,6 +252,8 @@ def convert_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.merge_only:
         return _merge_only(parser.prog, args.merge_only, not args.no_progress)
+    if args.verify:
+        return _verify_only(parser.prog, args.verify)
     if not args.annotations or not args.out or (args.videos is None) == (args.features is None):
         return _fail(parser.prog, "need --annotations, --out and exactly one of --videos / --features "
                                   "(or --merge-only OUT)")
@@ -265,6 +296,8 @@ def extract_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.merge_only:
         return _merge_only(parser.prog, args.merge_only, not args.no_progress)
+    if args.verify:
+        return _verify_only(parser.prog, args.verify)
     if not args.videos or not args.out or not args.encoder:
         return _fail(parser.prog, "need VIDEO_DIR, --out and --encoder (or --merge-only OUT)")
     root = Path(args.videos)

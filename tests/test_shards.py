@@ -292,3 +292,34 @@ def test_eval_refuses_compressed_and_cut_shards(tmp_path):
     _describe(tmp_path / "ds", shard, 1)
     with pytest.raises(MalformedItem, match=r"compressed \(gzip\)"):
         list(iter_records(tmp_path / "ds"))
+
+
+def test_convert_verify_checks_index_checksums_and_records(tmp_path, capsys):
+    """`mambamia convert --verify OUT` (issue 18.5's full check): 0 on a sound folder; a byte
+    changed after indexing is a one-line error (exit 2); a record whose metadata is wrong is named."""
+    from data.cli import convert_main
+
+    with ShardWriter(tmp_path / "good", max_samples=2) as w:
+        for key, feats, meta in _records(3):
+            w.write(key, feats, meta)
+    write_index(tmp_path / "good")
+    assert convert_main(["--verify", str(tmp_path / "good")]) == 0
+    assert "0 record(s) with bad" in capsys.readouterr().out
+    records = _records(3)
+    records[1][2]["qa"] = [{"question": "q?", "options": ["a", "b"], "answer": 5}]
+    with ShardWriter(tmp_path, max_samples=10) as w:
+        for key, feats, meta in records:
+            w.write(key, feats, meta)
+    write_index(tmp_path)
+    assert convert_main(["--verify", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert "3 records" in out and "1 record(s) with bad" in out
+    assert err.strip().splitlines() == [f"bad record: {tmp_path / 'shard-r00000-000000.tar'}: record 'vid_001': "
+                                        "qa item #0 field 'answer': expected null or an index below 2, got '5' (schema)"]
+    shard = tmp_path / "shard-r00000-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[raw.index(b'"q?"') + 1] = ord("Q")
+    shard.write_bytes(bytes(raw))
+    assert convert_main(["--verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "differs from its sha256" in err
