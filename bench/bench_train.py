@@ -306,11 +306,16 @@ def bench_config(path: str, root: Path, overrides: list[str], info, args, label:
     if args.profile and not info.on_cuda:
         row["profile_ms_per_micro_batch"] = profile_phases(framework, bare, 4 * args.steps * framework.accum)
     framework.close()
-    del framework, bare
-    gc.collect()
-    if info.on_cuda:
-        torch.cuda.empty_cache()
     return row
+
+
+def release_memory() -> None:
+    """Free the last config's engine and models (their last references died with bench_config)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def mfu(framework: Framework, best: dict) -> dict:
@@ -367,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(bench_config(path, root, common + [f"parallel.zero_stage={zero}", *args.override],
                                              info, args,
                                              f"{Path(path).stem} ~{args.llm_layers}-layer Qwen2"))
+                    release_memory()
         else:
             build_data(root, samples=32, words=24)
             for path in args.configs or [str(REPO_ROOT / f"configs/tiny/stage{n}.yaml") for n in (1, 2)]:
                 rows.append(bench_config(path, root, args.override, info, args, Path(path).stem))
+                release_memory()
     target = 0.85 if on_cuda else 0.9
     worst = min(r["ratio"] for r in rows)
     report = {"bench": "train", "device": str(info.device), "clock": "wall" if on_cuda else "process CPU time",

@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import kernels, ssd
 from model.ssd import chunk_scan

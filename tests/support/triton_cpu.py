@@ -101,7 +101,6 @@ def _patch_autotuner() -> None:
 
 def causal_conv1d_fwd(x, weight, bias, seq_idx, initial_states, final_states_out, silu_activation):
     """causal_conv1d's forward op: x [b, d, s], weight [d, w] -> [b, d, s], by a PyTorch conv."""
-    import torch
     import torch.nn.functional as F
 
     if seq_idx is not None or initial_states is not None or final_states_out is not None:
