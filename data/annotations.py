@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,6 +350,8 @@ def _parse_mlvu(ctx: _Ctx, record: dict) -> list[VideoItem]:
     video = ctx.get(record, "video", str)
     options = strip_letters(ctx, record.get("candidates"), "candidates", prefixed=False)
     duration = ctx.get(record, "duration", (int, float), optional=True)
+    if duration is not None and not (math.isfinite(duration) and duration >= 0):
+        raise ctx.fail("duration", "a finite number of seconds >= 0", duration)
     qa = _qa(ctx, id=record.get("question_id"), question=ctx.get(record, "question", str), options=options,
              answer=answer_index(ctx, record.get("answer"), options, "answer"),
              type=record.get("question_type"))

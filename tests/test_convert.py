@@ -133,6 +133,8 @@ def test_mlvu_and_lvbench(tmp_path):
      True, "videomme", r"line 1: field 'answer': expected a letter A-B"),
     ([{"video": "v.mp4", "question": "q", "candidates": ["x", "y"], "answer": "z"}],
      True, "mlvu", r"line 1: field 'answer'"),
+    ([{"video": "v.mp4", "question": "q", "candidates": ["x", "y"], "answer": "x", "duration": float("nan")}],
+     True, "mlvu", r"line 1: field 'duration': expected a finite number of seconds >= 0, got NaN"),
     ([{"key": "k", "qa": [{"question": "q\n(A) x\n(C) y", "answer": "A"}]}],
      True, "lvbench", r"line 1: field 'qa\[0\]\.question': expected option '\(B\)' next"),
     ([{"conversations": []}], True, "llava", r"line 1: field 'video': expected a str, got nothing"),
