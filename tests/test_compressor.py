@@ -368,3 +368,28 @@ def test_untrained_delta_ranks_a_planted_distinct_frame_first(seed):
         out = model(x[None])
     assert int(out.scores[0].argmax()) == pos
     assert pos in out.kept[0].tolist()
+
+
+def test_trained_delta_ranks_a_planted_distinct_frame_first():
+    # Train the compressor briefly (a linear read-out of its kept tokens must name which of 3
+    # patterns flashed in one frame), then plant a distinct frame among identical ones.
+    torch.manual_seed(15)
+    model = VideoCompressor(tiny(keyframes=4, keep_first_last=False, gpa_dropout=0.0))
+    head = torch.nn.Linear(16, 3)
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=1e-2)
+    patterns = 3.0 * torch.randn(3, 12)
+    for _ in range(30):
+        label = int(torch.randint(3, ()))
+        x = torch.randn(1, 12) + 0.5 * torch.randn(16, 8, 12)
+        x[int(torch.randint(16, ()))] += patterns[label]
+        logits = head(model(x[None]).tokens[0].mean((0, 1)))
+        loss = torch.nn.functional.cross_entropy(logits[None], torch.tensor([label]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for pos in (5, 17, 30):
+        x = torch.randn(8, 12).expand(40, 8, 12).clone()
+        x[pos] = torch.randn(8, 12)
+        with torch.no_grad():
+            assert int(model(x[None]).scores[0].argmax()) == pos
