@@ -72,10 +72,13 @@ class Spec:
     """Feature width."""
     noise: float = 0.5
     """Per-frame, per-patch Gaussian noise on top of the video's static scene (scene std 1)."""
-    amplitude: float = 2.0
-    """Norm of a planted pattern per feature channel (patterns are unit-RMS vectors x this)."""
-    needle_patches: int = 1
-    """Patches of the one frame that carry the needle."""
+    amplitude: float = 3.0
+    """RMS per feature channel of a planted pattern (patterns are unit-RMS vectors x this)."""
+    needle_patches: int = 3
+    """Patches of the one frame that carry the needle. At this scale the tiny LLM does not learn
+    to find a one-frame event that fills 1 of 4 patches within 1000 steps (loss stays at chance),
+    while it starts on a whole-frame event by ~200 steps: 3 of 4 is the smallest that trains
+    within the benchmark's budget."""
     keyframes: int = 8
     """Frames kept by every variant: the token budget is keyframes x (patches/k + 1)."""
     keep_first_last: bool = False
@@ -89,7 +92,7 @@ class Spec:
 class Recipe:
     """The training recipe, the same for every variant (tuned once with --tune)."""
 
-    steps: int = 300
+    steps: int = 400
     batch: int = 4
     lr: float = 1e-3
     """Peak learning rate of the LLM."""
@@ -101,7 +104,7 @@ class Recipe:
     warmup: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_items: int = 48
+    eval_items: int = 32
     """Held-out videos per task (fresh draws) at the end of training."""
 
 
@@ -362,8 +365,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="CI smoke run: 2 variants, 1 length (32 frames), 2 seeds, a few steps")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024],
-                   help="frames per video (default: 64 256 1024)")
+    p.add_argument("--lengths", nargs="+", type=int, default=[16, 64, 128],
+                   help="frames per video (default: 16 64 128, what 2 CPU cores train in well "
+                        "under an hour; the token budget is the same keyframes at every length)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained in parallel processes, one thread each (default 1)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant and length (default 3)")
     p.add_argument("--steps", type=int, default=Recipe.steps, help="training steps per run")
     p.add_argument("--lr", type=float, default=Recipe.lr, help="peak learning rate, every variant")
@@ -400,17 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         build_llm(Path(tmp) / "llm", tok)
         if args.tune:
             return _tune(args.tune, variants, lengths[0], spec, recipe, Path(tmp) / "llm")
-        runs = []
-        for n in lengths:
-            for seed in range(seeds):
-                for v in variants:
-                    r = run_one(v, n, seed, spec, recipe, Path(tmp) / "llm", eval_seed=2)
-                    runs.append(r)
-                    accs = " ".join(f"{t} {100 * r['tasks'][t]['accuracy']:.0f}%" for t in TASKS)
-                    print(f"[{time.perf_counter() - t0:7.0f}s] {v:<17} frames {n:<5} seed {seed}: "
-                          f"{accs} | loss {r['loss_start']:.2f}->{r['loss_end']:.2f} "
-                          f"| planted-frame ranks {r['trained_planted_ranks']} "
-                          f"({r['seconds']:.0f}s)", flush=True)
+        jobs = [(v, n, seed) for n in lengths for seed in range(seeds) for v in variants]
+        runs = _run_all(jobs, spec, recipe, Path(tmp) / "llm", args.jobs, t0)
     table = summarize(runs, variants, lengths)
     wall = time.perf_counter() - t0
     print(format_table(table, variants, lengths))
@@ -430,6 +427,40 @@ def main(argv: list[str] | None = None) -> int:
                                      for v in variants}}
     print(json.dumps(summary))
     return 0
+
+
+def _log_run(r: dict, t0: float) -> None:
+    accs = " ".join(f"{t} {100 * r['tasks'][t]['accuracy']:.0f}%" for t in r["tasks"])
+    print(f"[{time.perf_counter() - t0:7.0f}s] {r['variant']:<17} frames {r['frames']:<5} seed "
+          f"{r['seed']}: {accs} | loss {r['loss_start']:.2f}->{r['loss_end']:.2f} | trained "
+          f"planted-frame ranks {r['trained_planted_ranks']} ({r['seconds']:.0f}s)", flush=True)
+
+
+def _worker(job: tuple, spec: Spec, recipe: Recipe, llm_dir: Path) -> dict:
+    torch.set_num_threads(1)
+    return run_one(*job, spec, recipe, llm_dir, eval_seed=2)
+
+
+def _run_all(jobs: list[tuple], spec: Spec, recipe: Recipe, llm_dir: Path, workers: int,
+             t0: float) -> list[dict]:
+    """Every (variant, frames, seed) run, in `workers` processes; results in job order."""
+    if workers <= 1:
+        runs = []
+        for job in jobs:
+            runs.append(_worker(job, spec, recipe, llm_dir))
+            _log_run(runs[-1], t0)
+        return runs
+    import concurrent.futures
+    import multiprocessing
+
+    results = {}
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_worker, job, spec, recipe, llm_dir): job for job in jobs}
+        for fut in concurrent.futures.as_completed(futures):
+            results[futures[fut]] = fut.result()
+            _log_run(results[futures[fut]], t0)
+    return [results[job] for job in jobs]
 
 
 def _tune(lrs: list[float], variants: list[str], frames: int, spec: Spec, recipe: Recipe,
