@@ -113,6 +113,9 @@ def test_ask_bad_inputs_are_one_line_errors(setup, tiny_assets, tmp_path, capsys
     partial = tmp_path / "partial_export"
     shutil.copytree(setup / "export", partial)
     (partial / "projector.safetensors").unlink()
+    (tmp_path / "trained").mkdir()
+    shutil.copytree(setup / "export", tmp_path / "trained" / "export")
+    (tmp_path / "trained" / "export" / "training.json").write_text(json.dumps({"features": {"patches": 16}}))
     cases = [
         ([export, str(tmp_path / "nope.mp4"), QUESTION, *enc], "nope.mp4"),
         ([export, str(broken), QUESTION, *enc], "broken.mp4"),
@@ -121,6 +124,7 @@ def test_ask_bad_inputs_are_one_line_errors(setup, tiny_assets, tmp_path, capsys
         ([export, video, QUESTION], "--encoder"),  # the export holds no vision tower
         ([export, video, QUESTION, "--encoder", str(tiny_assets["llm"])], "SigLIP"),
         ([export, video, QUESTION, "--encoder", str(tmp_path / "wide_vision")], "48-wide features"),
+        ([str(tmp_path / "trained" / "export"), video, QUESTION, *enc, "--pool", "2"], "4 patches per frame"),
     ]
     for argv, named in cases:
         assert main(argv) == 1, argv

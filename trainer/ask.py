@@ -89,18 +89,21 @@ def encoder_folder(args: argparse.Namespace, export: Path, features: dict) -> Pa
     return folder
 
 
-def load_encoder(folder: Path, features: dict):
+def load_encoder(folder: Path, features: dict, pool: int):
     from data.extract import EncoderConfig, FrameEncoder
 
     layer = features.get("layer") if isinstance(features.get("layer"), int) else -2
     try:
-        encoder = FrameEncoder(EncoderConfig(path=str(folder), layer=layer))
+        encoder = FrameEncoder(EncoderConfig(path=str(folder), layer=layer, pool=pool))
     except (AttributeError, ValueError, OSError) as err:  # another kind of model, a bad layer
         raise AskError(f"{folder}: not a usable SigLIP/CLIP vision tower "
                        f"({' '.join(str(err).split())[:200]})") from None
     if features.get("encoder") not in (None, encoder.name):
         print(f"mambamia ask: note: training used features of {features['encoder']!r}, this is "
               f"{encoder.name!r}", file=sys.stderr)
+    if features.get("patches") not in (None, encoder.patches_per_frame):
+        raise AskError(f"{folder}: gives {encoder.patches_per_frame} patches per frame with --pool {pool}; "
+                       f"training's features had {features['patches']} (match convert's --pool)")
     return encoder
 
 
@@ -117,7 +120,7 @@ def ask(args: argparse.Namespace) -> Seen:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # stdout and stderr carry the answer and our own lines only
-    encoder = load_encoder(encoder_folder(args, export, features), features)
+    encoder = load_encoder(encoder_folder(args, export, features), features, args.pool)
 
     from data.text import VIDEO_TOKEN
     from model.video_llm import VideoLLM
@@ -187,12 +190,15 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("video", help="a video file (mp4, mkv, webm, ...)")
     p.add_argument("question", help="the question, in quotes")
     p.add_argument("--encoder", default=None, help="vision tower folder (default: EXPORT_DIR/vision)")
+    p.add_argument("--pool", type=int, default=1, help="patch-grid pooling, as convert's --pool (default 1)")
     p.add_argument("--frames", type=int, default=None, help="frames sampled at most (default: training's)")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default: training's, else 1)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--explain", default=None, metavar="OUT.png",
                    help="also draw the Δ score over time, the kept frames and their thumbnails")
     args = p.parse_args(argv)
+    if args.pool < 1:
+        p.error(f"--pool: expected >= 1, got {args.pool}")
     if args.frames is not None and args.frames < 1:
         p.error(f"--frames: expected >= 1, got {args.frames}")
     if args.fps is not None and not args.fps > 0:
