@@ -1,6 +1,6 @@
 """Validation loss per answer form, so that the held-out curve measures what training teaches.
 
-A record teaches answers in one of two forms:
+A record can teach answers in two forms:
 - `open`: its ShareGPT conversations, answered in words ("red");
 - `mc`: its answered multiple-choice items, rendered as training renders them
   (`data.text.qa_conversation`: the question, the lettered options, and the letter as the answer).
