@@ -279,7 +279,7 @@ def _summary_lines(plan: DemoPlan, results: list[dict], interruption: dict, path
               f"mambamia convert -> stage 1 (ZeRO-{plan.zero_stage}, 2 processes) -> export -> stage 2 interrupted by "
               "SIGUSR1, resumed -> export -> eval" + (" -> ablations (both stages each)" if plan.ablations else ""), ""]
     lines += [f"  {name:<22}{path}" for name, path in paths.items()]
-    lines += ["", f"your own videos with these tiny models: mambamia tiny {plan.out} --videos DIR --train "
+    lines += ["", "your own videos through the same steps: mambamia tiny WORKSPACE --videos DIR --train "
               "train.json --test test.json (README: Your own videos, tiny scale)"]
     lines.append("=" * 78)
     return lines

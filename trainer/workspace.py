@@ -154,6 +154,12 @@ def main(argv: list[str]) -> int:
             print(_shown(argv_) + ("  --target text   # --target letter when training answers are letters"
                                    if name == "eval" else ""))
         return 0
+    used = [name for name in ("shards", "runs", "exports") if (ws / name).is_dir() and any((ws / name).iterdir())]
+    if used:
+        # convert would add these videos to the shards there and training would resume old runs
+        print(f"mambamia tiny: {ws} already holds {', '.join(used)}/ (an earlier run, or the demo's): pick a "
+              "fresh folder, or remove them to start over", file=sys.stderr)
+        return 1
     try:
         return run_all(args, ws)
     except StepFailed as err:
