@@ -48,8 +48,9 @@ LOSS_RTOL = 1e-2 if ON_CUDA else 1e-4
 
 def assert_close_rel(label: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     """Max abs difference within REL_TOL[dtype] of the reference's largest magnitude."""
-    diff = (got.double() - want.double()).abs().max().item()
-    scale = max(want.double().abs().max().item(), 1e-6)
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    diff = (got - want).abs().max().item()
+    scale = max(want.abs().max().item(), 1e-6)
     assert diff <= REL_TOL[dtype] * scale, f"{label}: max abs diff {diff:.3e} > {REL_TOL[dtype]:.0e} * {scale:.3e}"
 
 
@@ -84,12 +85,13 @@ def _scan_outputs(fn, inputs, seq_idx, kw):
 
 
 def _oracle(inputs, seq_idx, kw):
-    """naive_scan in float64, from the same (rounded) inputs."""
+    """naive_scan in float64 on the CPU (it builds CPU tensors), from the same (rounded) inputs."""
     def fn(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, return_final_states, chunk_size, **rest):
         return naive_scan(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
                           seq_idx=None if seq_idx is None else seq_idx.long(), **rest)
 
-    return _scan_outputs(fn, {k: v.double() for k, v in inputs.items()}, seq_idx, kw)
+    return _scan_outputs(fn, {k: v.double().cpu() for k, v in inputs.items()},
+                         None if seq_idx is None else seq_idx.cpu(), kw)
 
 
 def check_scan(inputs, seq_idx, kw, dtype, *, mode="fused"):
@@ -171,7 +173,7 @@ SIZES = dict(d_model=16, d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, ch
 
 def _mixer_oracle(mixer, h, norm_before_gate):
     """The bidirectional mixer composed in float64 from the naive recurrence (tests/test_mixer.py)."""
-    m = {k: v.double() for k, v in mixer.state_dict().items()}
+    m = {k: v.double().cpu() for k, v in mixer.state_dict().items()}
 
     def direction(zxbcdt, suffix):
         conv = types.SimpleNamespace(weight=m[f"conv1d{suffix}.weight"], bias=m[f"conv1d{suffix}.bias"])
@@ -196,7 +198,7 @@ def _mixer_outputs(mixer, h, impl):
 
 def check_mixer(mixer, h, norm_before_gate):
     """Fused and reference mixer against the float64 composition (forward) and each other (backward)."""
-    want = _mixer_oracle(mixer, h.double(), norm_before_gate)
+    want = _mixer_oracle(mixer, h.double().cpu(), norm_before_gate)
     fused, ref = _mixer_outputs(mixer, h, "fused"), _mixer_outputs(mixer, h, "reference")
     for impl, got in (("fused", fused), ("reference", ref)):
         assert_close_rel(f"{impl} mixer y", got[0], want, torch.float32)
