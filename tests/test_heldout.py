@@ -222,3 +222,39 @@ def test_held_out_task_runs_end_to_end_and_says_what_it_cannot_score(tmp_path):
     assert eval_main([str(export), str(ws / "shards" / "val"), "--out", str(out)]) == 0
     warnings = json.loads(out.read_text())["warnings"]
     assert any("holds no multiple-choice items" in w for w in warnings)
+
+
+def test_tiny_workspace_builds_models_once_and_prints_the_commands(tmp_path, capsys, monkeypatch):
+    from trainer.config import load_config
+    from trainer.demo import CONFIGS
+    from trainer.workspace import main
+
+    ws = tmp_path / "ws"
+    assert main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    for part in ("llm/config.json", "vision/config.json", "vision/preprocessor_config.json",
+                 "tokenizer/tokenizer_config.json"):
+        assert (ws / part).is_file(), part
+    assert f"export MAMBAMIA_TINY={ws}" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("mambamia ")] == \
+        ["convert", "convert", "train", "export", "train", "export", "eval"]
+    # the printed layout is what the tiny configs read
+    monkeypatch.setenv("MAMBAMIA_TINY", str(ws))
+    cfg = load_config(CONFIGS / "stage2.yaml")
+    assert cfg.model.llm_path == str(ws / "llm") and cfg.init_from == str(ws / "exports" / "stage1")
+    assert cfg.data.sources[0].path == str(ws / "shards" / "train")
+
+    stamp = (ws / "llm" / "config.json").stat().st_mtime_ns
+    assert main([str(ws)]) == 0  # a second call keeps the models
+    assert (ws / "llm" / "config.json").stat().st_mtime_ns == stamp
+
+    (ws / "shards" / "train").mkdir(parents=True)
+    (ws / "shards" / "train" / "index.json").write_text("{}")
+    capsys.readouterr()
+    ann = tmp_path / "a.json"
+    ann.write_text("[]")
+    assert main([str(ws), "--videos", str(tmp_path), "--train", str(ann), "--test", str(ann)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds shards/" in err[0]
+    with pytest.raises(SystemExit):
+        main([str(ws), "--videos", str(tmp_path)])  # --train and --test missing
