@@ -65,7 +65,9 @@ def plan(args) -> list[Step]:
                            "--lengths", "4096,16384,65536", "--heads", "48", "--headdim", "64",
                            "--d-state", "128", "--chunk-size", "256", "--naive-max-len", "4096"], 120,
              files=["bench/bench_ssd.py"]),
-        Step("bench_train", [py, "bench/bench_train.py", "--device", "cuda", "--rounds", "2", "--steps", "4"],
+        # Qwen2-0.5B's shape with its full vocabulary: 0.49B parameters.
+        Step("bench_train", [py, "bench/bench_train.py", "--device", "cuda", "--rounds", "2", "--steps", "4",
+                             "--llm-vocab", "151936"],
              240, files=["bench/bench_train.py", "configs/tiny/stage2.yaml"]),
     ]
 
