@@ -167,7 +167,7 @@ def explain(seen: Seen, question: str, out: Path, max_thumbs: int = 16) -> Path:
     for i in seen.kept:
         ax.axvline(t[i], color="tab:red", alpha=0.25, lw=1)
     ax.set_xlabel("time in the video (s)")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.6)
     ax.set_title(f"Q: {question[:90]}\nA: {seen.answer[:90]}", fontsize=9, loc="left")
     for c, i in enumerate(kept):
         thumb = fig.add_subplot(grid[1, c])
