@@ -31,6 +31,7 @@ MODES = ("auto", "reference", "fused")
 SSD_SCAN = "SSD scan"
 GATED_NORM = "gated RMSNorm"
 SPLIT_CONV1D = "mixer conv1d + SSD + gated norm"
+NO_CAUSAL_CONV1D = "causal_conv1d, which is not installed"
 
 _mode: str | None = None
 _loaded: dict[str, tuple[Callable | None, str]] = {}
@@ -65,8 +66,9 @@ def _load(piece: str) -> tuple[Callable | None, str]:
     """(the kernel, "") or (None, what is missing); the import is tried once per piece."""
     if piece not in _loaded:
         try:
-            # Not mamba_ssm's package root: its __init__ imports the CUDA extension, which a
-            # Triton-only install lacks; the loader that lets these modules import is the caller's.
+            # mamba_ssm's package __init__ imports its CUDA extension: on a CPU machine or with a
+            # Triton-only install this raises, unless the package was registered bare first
+            # (tests/support/triton_cpu.py, the GPU check).
             if piece == GATED_NORM:
                 from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as kernel
             else:
@@ -74,10 +76,10 @@ def _load(piece: str) -> tuple[Callable | None, str]:
                 kernel = (ssd_combined.mamba_chunk_scan_combined if piece == SSD_SCAN
                           else ssd_combined.mamba_split_conv1d_scan_combined)
         except (ImportError, OSError, RuntimeError, AttributeError) as err:
-            _loaded[piece] = (None, f"mamba_ssm's Triton kernels do not import ({type(err).__name__}: {err})")
+            _loaded[piece] = (None, f"mamba_ssm's Triton kernels, which do not import ({type(err).__name__}: {err})")
         else:
             conv_missing = piece == SPLIT_CONV1D and ssd_combined.causal_conv1d_fwd_function is None
-            _loaded[piece] = (None, "causal_conv1d is not installed") if conv_missing else (kernel, "")
+            _loaded[piece] = (None, NO_CAUSAL_CONV1D) if conv_missing else (kernel, "")
     return _loaded[piece]
 
 
@@ -93,17 +95,17 @@ def kernel_for(piece: str, tensor: torch.Tensor) -> Callable | None:
     Raises RuntimeError (one line, naming what is missing) in "fused" mode when the kernel cannot
     run. The mixer asks for SPLIT_CONV1D through `split_conv1d_kernel`, which may fall back.
     """
-    kernel, missing = _load(piece)
     current = mode()
     if current == "reference":
         _log_once(piece, "PyTorch path")
         return None
+    kernel, missing = _load(piece)
     runnable = tensor.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if current == "auto":
         if kernel is not None and tensor.is_cuda and runnable:
             _log_once(piece, "mamba_ssm fused kernel on CUDA")
             return kernel
-        _log_once(piece, "PyTorch path" + (f": {missing}" if missing else " off CUDA"))
+        _log_once(piece, "PyTorch path" + (f" (needs {missing})" if missing else " off CUDA"))
         return None
     if kernel is None:
         raise RuntimeError(f"{ENV_VAR}=fused: the {piece} needs {missing}")
@@ -118,7 +120,7 @@ def split_conv1d_kernel(tensor: torch.Tensor) -> Callable | None:
     """The mixer's fully fused direction, or None: then conv1d runs in PyTorch and the SSD scan and
     gated norm ask for their own kernels. Unlike the other pieces, "fused" mode accepts its absence
     when only causal_conv1d is missing (mamba_ssm has no conv kernel of its own), and logs it."""
-    if mode() == "fused" and _load(SPLIT_CONV1D)[1] == "causal_conv1d is not installed":
+    if mode() == "fused" and _load(SPLIT_CONV1D)[1] == NO_CAUSAL_CONV1D:
         _log_once(SPLIT_CONV1D, "causal_conv1d is not installed: PyTorch conv1d, then the fused "
                                 "SSD scan and gated norm")
         return None

@@ -216,7 +216,7 @@ def test_bidirectional_mixer_fused_reference_oracle(path, norm_before_gate, monk
     PyTorch conv1d followed by the fused SSD scan and gated norm (no causal_conv1d)."""
     kernels.reset()
     if path == "conv1d_then_kernels":
-        monkeypatch.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, "causal_conv1d is not installed"))
+        monkeypatch.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, kernels.NO_CAUSAL_CONV1D))
     torch.manual_seed(3)
     mixer = Mamba2Mixer(**SIZES, bidirectional=True, norm_before_gate=norm_before_gate,
                         dt_limit=(0.0, 2.0))

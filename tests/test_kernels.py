@@ -79,10 +79,10 @@ def test_fused_refuses_float64_in_one_line(fresh_kernels):
 
 
 def test_fused_mixer_without_causal_conv1d_falls_back_to_the_other_kernels(fresh_kernels):
-    fresh_kernels.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, "causal_conv1d is not installed"))
+    fresh_kernels.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, kernels.NO_CAUSAL_CONV1D))
     with kernels.use("fused"):
         assert kernels.split_conv1d_kernel(torch.zeros(1)) is None
-    fresh_kernels.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, "mamba_ssm's Triton kernels do not import"))
+    fresh_kernels.setitem(kernels._loaded, kernels.SPLIT_CONV1D, (None, "mamba_ssm's Triton kernels, which do not import"))
     with kernels.use("fused"), pytest.raises(RuntimeError, match="mixer conv1d .* needs mamba_ssm"):
         kernels.split_conv1d_kernel(torch.zeros(1))
 
