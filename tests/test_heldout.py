@@ -258,3 +258,17 @@ def test_tiny_workspace_builds_models_once_and_prints_the_commands(tmp_path, cap
     assert len(err) == 1 and "already holds shards/" in err[0]
     with pytest.raises(SystemExit):
         main([str(ws), "--videos", str(tmp_path)])  # --train and --test missing
+
+
+def test_letter_answers_in_conversations_are_the_multiple_choice_form(tmp_path):
+    from trainer.validation import conversation_form, training_forms
+
+    def conv(answer):
+        return [{"from": "human", "value": "<video>\nWhich colour?\nA. red\nB. blue"}, {"from": "gpt", "value": answer}]
+
+    assert [conversation_form(conv(a)) for a in ("B", "(B)", "B. blue", "C:", "blue", "A red square", "")] == \
+        ["mc", "mc", "mc", "mc", "open", "open", "open"]
+    # the demo's training data: ShareGPT conversations answered by letter teach the letter form
+    letters = _write(tmp_path / "letters", {f"t{i}": {"conversations": [conv("AB"[i % 2])]} for i in range(3)}, 0)
+    assert training_forms((str(letters),)) == {"mc"}
+    assert training_forms((str(_write(tmp_path / "words", word_records(2), 0)),)) == {"open"}

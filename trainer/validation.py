@@ -1,9 +1,11 @@
 """Validation loss per answer form, so that the held-out curve measures what training teaches.
 
 A record can teach answers in two forms:
-- `open`: its ShareGPT conversations, answered in words ("red");
-- `mc`: its answered multiple-choice items, rendered as training renders them
-  (`data.text.qa_conversation`: the question, the lettered options, and the letter as the answer).
+- `open`: conversations answered in words ("red");
+- `mc`: answers that are option letters: its answered multiple-choice items, rendered as training
+  renders them (`data.text.qa_conversation`: the question, the lettered options, the letter), and
+  conversations whose every answer is a letter ("B", "(B)", "B. red"), as multiple-choice
+  instruction data in ShareGPT form has them.
 A multiple-choice item also has an open form: its question alone, answered by the correct
 option's text. That is the form a model trained on word answers has learned, so held-out
 multiple-choice shards still measure it.
@@ -16,6 +18,7 @@ training loss fell). Each sample counts once: its loss is the mean over its answ
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,11 +35,18 @@ FORMS = ("open", "mc")
 FORM_WORDS = {"open": "answers in words", "mc": "multiple-choice items answered by their letter"}
 PROBE_RECORDS = 64
 """Records read from the start of each training source to tell which forms it teaches."""
+_LETTER_ANSWER = re.compile(r"^\(?[A-Z]\)?(?:[.:)]|$)")  # "A red square" is a sentence, not a letter
+
+
+def conversation_form(conv: list[dict]) -> str:
+    """`mc` when every answer of the conversation is an option letter, else `open`."""
+    answers = [str(t.get("value", "")).strip() for t in conv if t.get("from") in ("gpt", "assistant")]
+    return "mc" if answers and all(_LETTER_ANSWER.match(a) for a in answers) else "open"
 
 
 def record_forms(meta: dict) -> list[tuple[str, list[dict]]]:
     """(form, conversation) for every held-out sample a record offers, in a fixed order."""
-    out = [("open", conv) for conv in meta.get("conversations", []) if conv]
+    out = [(conversation_form(conv), conv) for conv in meta.get("conversations", []) if conv]
     for item in meta.get("qa", []):
         conv = qa_conversation(item)  # ValueError on an answer that indexes no option
         if conv is None:
@@ -49,7 +59,7 @@ def record_forms(meta: dict) -> list[tuple[str, list[dict]]]:
 
 def taught_forms(meta: dict) -> set[str]:
     """Forms the training loader draws from a record (data.text.record_conversations)."""
-    forms = {"open"} if any(meta.get("conversations", [])) else set()
+    forms = {conversation_form(conv) for conv in meta.get("conversations", []) if conv}
     if any(isinstance(q, dict) and q.get("answer") is not None for q in meta.get("qa", [])):
         forms.add("mc")
     return forms
