@@ -516,7 +516,7 @@ def _read_marker(folder: Path, step: int) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     path = folder / MARKER
     try:
-        marker = json.loads(path.read_bytes())
+        marker = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: no completion marker {MARKER}") from None
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
