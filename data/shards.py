@@ -168,7 +168,8 @@ def _scan_ustar(fd: int, size: int) -> tuple[list[tuple[str, dict[str, Member]]]
                 return None
             flag, member_size = block[156:157], _octal(block[124:136])
             name = block[:100].split(b"\0", 1)[0]
-            prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+            # POSIX ustar only: GNU headers ("ustar  ") keep times where ustar keeps the prefix
+            prefix = block[345:500].split(b"\0", 1)[0] if block[257:265] == b"ustar\x0000" else b""
             name = (prefix + b"/" + name if prefix else name).decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             return None
