@@ -52,7 +52,7 @@ def test_quick_mode_runs_end_to_end(tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
     assert summary["bench"] == "method"
-    assert set(summary["needle_at_longest"]) == {"mambamia", "avgpool"}
+    assert set(summary["accuracy_at_longest"]["needle"]) == {"mambamia", "avgpool"}
     assert Path(summary["plot"]).stat().st_size > 1000
     report = json.loads((tmp_path / "bench_method_quick.json").read_text())
     assert len(report["runs"]) == 2 * 2  # variants x seeds
