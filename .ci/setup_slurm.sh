@@ -49,6 +49,9 @@ fi
 
 # --- slurm.conf: one node, this machine, every core ---------------------------------------------
 host=$(hostname -s)
+# nproc without the OpenMP limits it honours: run from a test process (OMP_NUM_THREADS=1) it
+# would otherwise report 1 CPU, rewrite the config and restart the cluster under running jobs.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 # SLURM's default RealMemory is 1 MB, which makes every --mem request unsatisfiable.
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 conf_dir=/etc/slurm
@@ -85,7 +88,7 @@ SlurmdPort=6818
 KillWait=60
 MinJobAge=600
 MaxJobCount=10000
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=${mem_mb} State=UNKNOWN
+NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 )
@@ -95,7 +98,13 @@ if [ "$(cat "$conf_dir/slurm.conf" 2>/dev/null)" != "$conf" ]; then
     restart=1
 fi
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon is running when its pid file names a live process: not a zombie (a killed daemon
+# stays one until PID 1 reaps it, and `kill -0` still succeeds on it).
+running() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+        && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]
+}
 stop() {  # stop one daemon by its pid file (a config change needs a restart)
     running "$1" || return 0
     kill "$(cat "$1")"
@@ -121,4 +130,4 @@ case "$state" in
     idle*|mixed*|allocated*|completing*) ;;
     *) fail "node $host is '${state:-unknown}' (see /var/log/slurm/slurmd.log and slurmctld.log)" ;;
 esac
-say "ready: node $host ($(nproc) CPUs), partition debug, $(sbatch --version)"
+say "ready: node $host ($cpus CPUs), partition debug, $(sbatch --version)"

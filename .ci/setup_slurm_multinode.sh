@@ -37,7 +37,13 @@ NODES_FILE=$CONF_DIR/nodes  # N of the running cluster, for `down` and `fail`
 ns() { echo "mm$1"; }           # namespace of host K
 veth() { echo "mmv$1"; }        # root-side end of host K's link (the host side is its eth0)
 addr() { echo "$NET.$((10 + $1))"; }
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A daemon is running when its pid file names a live process: not a zombie (a killed daemon
+# stays one until PID 1 reaps it, and `kill -0` still succeeds on it).
+running() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+        && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]
+}
 cluster() { SLURM_CONF=$CONF "$@"; }
 
 # Every process whose network namespace is host K's: its slurmd, slurmstepd and job tasks.
@@ -143,10 +149,12 @@ start_slurmd() {
 }
 
 stop_daemon() {
+    local pid
     running "$1" || return 0
-    kill "$(cat "$1")"
+    pid=$(cat "$1")
+    kill "$pid"
     for _ in $(seq 50); do running "$1" || return 0; sleep 0.1; done
-    kill -KILL "$(cat "$1")" 2>/dev/null
+    kill -KILL "$pid" 2>/dev/null
 }
 
 wait_idle() {  # N: every host registered and idle; resumes hosts left DOWN by a failure
@@ -183,6 +191,9 @@ cmd_up() {
         stop_daemon "$RUN/slurmctld.pid"
     fi
     running "$RUN/slurmctld.pid" || slurmctld -f "$CONF" -i || fail "slurmctld did not start (see $LOGS/slurmctld.log)"
+    # slurmctld returns before it listens; a slurmd that registers too early is only heard
+    # again at the controller's next ping, tens of seconds later.
+    for _ in $(seq 100); do cluster scontrol ping 2>/dev/null | grep -F "is UP" >/dev/null && break; sleep 0.1; done
     for ((k = 1; k <= n; k++)); do start_slurmd "$k"; done
     wait_idle "$n"
     say "ready: $n hosts idle in $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s" \
