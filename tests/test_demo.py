@@ -170,3 +170,31 @@ def test_ticker_redraws_sparsely_off_a_terminal(monkeypatch):
     bar.disable = True
     assert len(draws) == int(100 // demo.LOG_REFRESH_S)
     assert all(b - a >= demo.LOG_REFRESH_S for a, b in zip([1000.0, *draws], draws))
+
+
+def test_text_warm_up_teaches_the_chat_template(tmp_path):
+    # Held-out chats (another seed): their loss under the saved LLM must fall well below the
+    # random LLM's ~ln(vocab), which is what stage 1 faced before the warm-up.
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.tiny import build_llm, build_tokenizer, warm_up_llm, warmup_conversations
+
+    tok = build_tokenizer(tmp_path / "tok")
+    build_llm(tmp_path / "llm", tok)
+
+    def held_out_loss() -> float:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "llm").eval()
+        texts = [tok.apply_chat_template(c, tokenize=False) for c in warmup_conversations(16, 99)]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            return float(model(**enc, labels=enc["input_ids"].masked_fill(
+                enc["attention_mask"] == 0, -100)).loss)
+
+    before = held_out_loss()
+    warm_up_llm(tmp_path / "llm", steps=30)
+    after = held_out_loss()
+    assert before > 0.8 * math.log(len(tok))
+    assert after < 0.3 * before

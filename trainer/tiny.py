@@ -94,6 +94,55 @@ def build_llm(out_dir: str | Path, tokenizer, family: str = "qwen2", hidden_size
     return model
 
 
+WARMUP_QUESTIONS = (
+    "Describe the video.", "What colour is the shape that appears in the video?",
+    "Which shape appears briefly?", "How long is the video?", "What is in the first frame?",
+)
+WARMUP_ANSWERS = ("red", "green", "blue", "yellow", "A", "B", "C", "D", "a red circle",
+                  "a blue square", "the beginning", "the end", "two minutes", "yes", "no")
+
+
+def warmup_conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """`n` short chats in the demo's shape (a question, then a one-word or letter answer)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": f"{VIDEO_TOKEN}\n{rng.choice(WARMUP_QUESTIONS)}"},
+             {"role": "assistant", "content": rng.choice(WARMUP_ANSWERS)}] for _ in range(n)]
+
+
+def warm_up_llm(llm_dir: str | Path, *, steps: int = 60, batch: int = 8, lr: float = 3e-3,
+                seed: int = 0) -> tuple[float, float]:
+    """Train the saved tiny LM on chat-formatted text, then save it back in place.
+
+    A real recipe starts from a pretrained LLM that already writes the chat template and stops
+    after an answer; a random one cannot, and a stage 1 that trains only the compressor and
+    projector then has nothing to steer (its loss stays at ~5.7). A few dozen steps of plain
+    next-token loss on chats like the demo's teach the template. Returns (first, last) loss.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    llm_dir = Path(llm_dir)
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).train()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    chats = warmup_conversations(steps * batch, seed)
+    losses = []
+    for step in range(steps):
+        texts = [tok.apply_chat_template(c, tokenize=False) for c in chats[step * batch:(step + 1) * batch]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.save_pretrained(llm_dir)
+    return losses[0], losses[-1]
+
+
 def build_vision_encoder(out_dir: str | Path, image_size: int = 32, patch_size: int = 8,
                          hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
     """A randomly initialised SigLIP vision tower plus its image processor config."""
