@@ -332,7 +332,7 @@ def run_demo(plan: DemoPlan) -> dict:
     from transformers.utils import logging as hf_logging
 
     from trainer.plots import plot_runs
-    from trainer.tiny import build_llm, build_tokenizer, build_vision_encoder
+    from trainer.tiny import build_llm, build_tokenizer, build_vision_encoder, warm_up_llm
 
     start = time.time()
     out, logs = plan.out, plan.out / "logs"
@@ -345,6 +345,9 @@ def run_demo(plan: DemoPlan) -> dict:
     tokenizer = build_tokenizer(out / "tokenizer")
     bar.update()
     build_llm(out / "llm", tokenizer, seed=plan.seed)
+    # A real run starts from a pretrained LLM: a short text warm-up teaches the tiny one the chat
+    # template, so that stage 1 (LLM frozen) has an LLM the visual tokens can steer.
+    warm_up_llm(out / "llm", steps=10 if plan.stage2_steps < 20 else 60, seed=plan.seed)
     bar.update()
     build_vision_encoder(out / "vision", seed=plan.seed)
     bar.update()
