@@ -12,6 +12,7 @@ Two checks for runs spread over several hosts:
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -101,7 +102,7 @@ def pg_timeout() -> timedelta:
         seconds = float(text)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
+    if not (seconds > 0 and math.isfinite(seconds)):
         raise ConfigError(f"{PG_TIMEOUT_ENV}={text!r}: expected a number of seconds > 0")
     return timedelta(seconds=seconds)
 
