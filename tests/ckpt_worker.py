@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--global-micro", type=int, default=2, help="micro-batches per step, all ranks")
     p.add_argument("--signal-at", type=int, default=0, help="rank 0 sends itself SIGUSR1 after it")
     p.add_argument("--dump-final", default="", help="rank 0 saves the full trained weights here")
+    p.add_argument("--async-save", action="store_true", help="checkpoint.async: background writes")
     args = p.parse_args(argv)
 
     import importlib
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config,
                                       optimizer=torch.optim.AdamW(params, lr=3e-2, weight_decay=0.1))
     seed_everything(1 + rank)  # distinct streams per rank, so restoring the wrong one shows
-    ckpt = Checkpointer(args.run_dir, keep_last=args.keep_last)
+    ckpt = Checkpointer(args.run_dir, keep_last=args.keep_last, async_save=args.async_save)
     signals.install()
     step, loader_pos = 0, 0
     client = ckpt.load(engine)
@@ -131,7 +132,9 @@ def main(argv: list[str]) -> int:
                                                         loader_state={"position": loader_pos},
                                                         config=vars(args)))
         if stop:
+            ckpt.wait()  # exit 85 only once the checkpoint is durable and published
             return signals.REQUEUE_EXIT_CODE
+    ckpt.wait()
     if args.dump_final:
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params):  # full tensors under ZeRO-3, else a no-op

@@ -1,9 +1,11 @@
 """Checkpointer, stop signals and RNG state.
 
-Unit tests drive the Checkpointer with a stand-in engine that writes one file per rank (the folder
-protocol does not depend on what DeepSpeed writes). The multi-process tests run the toy DeepSpeed
-job of tests/ckpt_worker.py on 2 gloo ranks; their oracle is an uninterrupted run of the same job,
-whose losses, per-rank RNG draws and loader positions an interrupted-and-resumed run must repeat.
+Unit tests drive the Checkpointer with a stand-in engine that writes one file per rank through a
+DeepSpeed-style checkpoint engine (the folder protocol does not depend on what DeepSpeed writes);
+the protocol tests run with synchronous and asynchronous saves (`checkpoint.async`). The
+multi-process tests run the toy DeepSpeed job of tests/ckpt_worker.py on 2 gloo ranks; their oracle
+is an uninterrupted synchronous run of the same job, whose losses, per-rank RNG draws and loader
+positions an interrupted-and-resumed run, synchronous or asynchronous, must repeat.
 """
 from __future__ import annotations
 
@@ -12,22 +14,40 @@ import os
 import random
 import shutil
 import signal
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from trainer import signals
-from trainer.checkpoint import MARKER, Checkpointer, CheckpointError, gather_client_state
+from trainer.checkpoint import (CRASH_IN_SAVE_ENV, MARKER, Checkpointer, CheckpointError,
+                                gather_client_state)
 from trainer.rng import get_rng_state, seed_everything, set_rng_state
 
 
+class TorchFiles:
+    """DeepSpeed's TorchCheckpointEngine in miniature: torch.save at once."""
+
+    def create(self, info):
+        pass
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+    def commit(self, info):
+        return True
+
+
 class FakeEngine:
-    """Writes what save_checkpoint is given, so tests can see which tag was loaded."""
+    """Writes what save_checkpoint is given through its `checkpoint_engine`, as DeepSpeed does
+    (an async save swaps that attribute), so tests can see which tag was loaded."""
 
     def __init__(self, zero_stage: int = 0):
         self.loaded: list[str] = []
         self.zero_stage = zero_stage
+        self.checkpoint_engine = TorchFiles()
 
     def zero_optimization_stage(self):
         return self.zero_stage
@@ -35,7 +55,9 @@ class FakeEngine:
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert save_latest is False  # `latest` is the Checkpointer's, written after the marker
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
-        torch.save(client_state, os.path.join(save_dir, tag, "state.pt"))
+        self.checkpoint_engine.create(tag)
+        self.checkpoint_engine.save(client_state, os.path.join(save_dir, tag, "state.pt"))
+        self.checkpoint_engine.commit(tag)
 
     def load_checkpoint(self, load_dir, tag):
         self.loaded.append(tag)
@@ -44,10 +66,16 @@ class FakeEngine:
 
 def _save(ckpt, step):
     ckpt.save(FakeEngine(), step, {"step": step})
+    ckpt.wait()
 
 
-def test_save_publishes_then_prunes(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=2)
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_save(request):
+    return request.param
+
+
+def test_save_publishes_then_prunes(tmp_path, async_save):
+    ckpt = Checkpointer(tmp_path, keep_last=2, async_save=async_save)
     assert ckpt.latest_step() is None and ckpt.load(FakeEngine()) is None
     for step in (10, 20, 30):
         _save(ckpt, step)
@@ -59,8 +87,8 @@ def test_save_publishes_then_prunes(tmp_path):
     assert ckpt.load(engine)["step"] == 30 and engine.loaded == ["30"]
 
 
-def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
-    ckpt = Checkpointer(tmp_path, keep_last=3)
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, async_save):
+    ckpt = Checkpointer(tmp_path, keep_last=3, async_save=async_save)
     _save(ckpt, 1)
     _save(ckpt, 2)
     # What crashes leave behind: DeepSpeed files of an unpublished save, a folder that lost its
@@ -80,23 +108,25 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path):
     assert ckpt.latest_step() == 2
 
 
-def test_save_of_existing_step_is_skipped(tmp_path):
-    ckpt = Checkpointer(tmp_path)
+def test_save_of_existing_step_is_skipped(tmp_path, async_save):
+    ckpt = Checkpointer(tmp_path, async_save=async_save)
     _save(ckpt, 5)
     before = (ckpt.root / "5" / MARKER).read_text()
     ckpt.save(FakeEngine(), 5, {"step": -1})
+    ckpt.wait()
     assert (ckpt.root / "5" / MARKER).read_text() == before
     assert torch.load(ckpt.root / "5" / "state.pt", weights_only=False)["step"] == 5
 
 
-def test_step_folder_not_named_by_latest_is_replaced(tmp_path):
-    ckpt = Checkpointer(tmp_path)
+def test_step_folder_not_named_by_latest_is_replaced(tmp_path, async_save):
+    ckpt = Checkpointer(tmp_path, async_save=async_save)
     _save(ckpt, 2)
     _save(ckpt, 4)
     # A crash between publishing 4 and updating `latest`: the run resumes at 2 and reaches 4 again.
     (ckpt.root / "latest").write_text("2\n")
     assert ckpt.latest_step() == 2
     ckpt.save(FakeEngine(), 4, {"step": 44})
+    ckpt.wait()
     assert ckpt.latest_step() == 4
     assert torch.load(ckpt.root / "4" / "state.pt", weights_only=False)["step"] == 44
 
@@ -106,6 +136,64 @@ def test_resume_across_zero3_boundary_is_a_clear_error(tmp_path):
     ckpt.save(FakeEngine(zero_stage=2), 3, {"step": 3})
     with pytest.raises(RuntimeError, match="saved under ZeRO-2, this run uses ZeRO-3"):
         ckpt.load(FakeEngine(zero_stage=3))
+
+
+class GatedSave:
+    """torch.save that waits for `gate` (in the background writer only: the snapshot engine never
+    calls it in the training thread), or fails with `error` when one is set."""
+
+    def __init__(self, monkeypatch):
+        self.gate, self.error, self._real = threading.Event(), None, torch.save
+        monkeypatch.setattr(torch, "save", self)
+
+    def __call__(self, *args, **kwargs):
+        assert self.gate.wait(30), "the test never opened the gate"
+        if self.error is not None:
+            raise self.error
+        return self._real(*args, **kwargs)
+
+
+def test_async_save_writes_the_state_of_the_save_call_in_the_background(tmp_path, monkeypatch):
+    writes = GatedSave(monkeypatch)
+    ckpt, engine = Checkpointer(tmp_path, keep_last=2, async_save=True), FakeEngine()
+    weights = torch.zeros(4)
+    writes.gate.set()
+    ckpt.save(engine, 1, {"step": 1, "w": weights})
+    ckpt.wait()
+    writes.gate.clear()
+    weights += 1
+    ckpt.save(engine, 2, {"step": 2, "w": weights, "nested": [{"w": weights[1:]}]})
+    # Returned before anything was written: the previous checkpoint is still the one to resume.
+    assert ckpt.in_flight() and ckpt.latest_step() == 1 and (ckpt.root / "2.partial").is_dir()
+    weights += 1  # training goes on; the file must hold the state at the save call
+    # A second save waits for the first: it cannot start (no 3.partial) until the write ends.
+    third = threading.Thread(target=ckpt.save, args=(engine, 3, {"step": 3, "w": weights}))
+    third.start()
+    time.sleep(0.3)
+    assert third.is_alive() and not (ckpt.root / "3.partial").exists() and ckpt.latest_step() == 1
+    writes.gate.set()
+    third.join(30)
+    ckpt.wait()
+    assert ckpt.complete_steps() == [2, 3] and ckpt.latest_step() == 3 and not ckpt.in_flight()
+    saved = torch.load(ckpt.root / "2" / "state.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.ones(4)) and torch.equal(saved["nested"][0]["w"], torch.ones(3))
+    assert torch.equal(torch.load(ckpt.root / "3" / "state.pt", weights_only=True)["w"], torch.full((4,), 2.0))
+    assert ckpt.info(3)["async"] is True and ckpt.verify(3)["step"] == 3
+
+
+def test_async_save_that_fails_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    writes = GatedSave(monkeypatch)
+    writes.gate.set()
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    _save(ckpt, 1)
+    writes.error = OSError(28, "No space left on device")
+    ckpt.save(FakeEngine(), 2, {"step": 2})
+    with pytest.raises(CheckpointError, match="asynchronous save failed on rank 0") as err:
+        ckpt.wait()
+    assert "No space left" in str(err.value) and "\n" not in str(err.value)
+    assert ckpt.latest_step() == 1 and ckpt.complete_steps() == [1]
+    writes.error = None
+    assert ckpt.load(FakeEngine())["step"] == 1 and not (ckpt.root / "2.partial").exists()
 
 
 def test_keep_last_must_be_positive(tmp_path):
@@ -182,21 +270,40 @@ def _assert_same_steps(log, ref, steps, *, world=2):
         assert log[s]["positions"] == [s] * world, s  # each rank's loader state restored
 
 
-def test_signal_on_one_rank_stops_both_then_resume_matches(reference, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_signal_on_one_rank_stops_both_then_resume_matches(reference, tmp_path, mode):
     """(A SIGKILL inside a save is exercised on the real trainer in tests/test_resume.py.)"""
     from tests.ckpt_worker import launch, read_log
 
     _, ref = reference
     ckpt = Checkpointer(tmp_path)
-    # Only rank 0 gets SIGUSR1 after step 3: both ranks must agree to save at 3 and exit 85.
-    assert launch(tmp_path, 2, "--tag", "a", "--steps", "8", "--signal-at", "3") == [85, 85]
-    assert ckpt.latest_step() == 3
+    # Only rank 0 gets SIGUSR1 after step 3: both ranks must agree to save at 3 and exit 85,
+    # and (async) only once step 3 is published: no later wait could publish it.
+    assert launch(tmp_path, 2, "--tag", "a", "--steps", "8", "--signal-at", "3", *mode) == [85, 85]
+    assert ckpt.latest_step() == 3 and ckpt.verify(3)["world_size"] == 2
     assert sorted(p.name for p in (ckpt.root / "3").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    assert launch(tmp_path, 2, "--tag", "b", "--steps", "8") == [0, 0]
+    assert launch(tmp_path, 2, "--tag", "b", "--steps", "8", *mode) == [0, 0]
     assert ckpt.complete_steps() == [6, 8]
     _assert_same_steps(read_log(tmp_path, "a"), ref, range(1, 4))
     _assert_same_steps(read_log(tmp_path, "b"), ref, range(4, 9))
+
+
+def test_sigkill_during_background_write_then_resume_matches(reference, tmp_path):
+    """Async: rank 0 is SIGKILLed in its background write of step 4, after its first file, while
+    training has moved on; `latest` stays at 2, and the resumed async run repeats the oracle."""
+    from tests.ckpt_worker import launch, read_log
+
+    _, ref = reference
+    ckpt = Checkpointer(tmp_path)
+    codes = launch(tmp_path, 2, "--tag", "a", "--steps", "8", "--async-save", env={CRASH_IN_SAVE_ENV: "4"})
+    assert codes[0] == -signal.SIGKILL
+    assert ckpt.latest_step() == 2 and (ckpt.root / "4.partial").is_dir() and not (ckpt.root / "4").exists()
+    assert launch(tmp_path, 2, "--tag", "b", "--steps", "8", "--async-save") == [0, 0]
+    assert ckpt.complete_steps() == [6, 8] and not (ckpt.root / "4.partial").exists()
+    _assert_same_steps(read_log(tmp_path, "b"), ref, range(3, 9))
+    for step in (6, 8):
+        assert ckpt.verify(step)["async"] is True
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(reference, tmp_path):

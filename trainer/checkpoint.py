@@ -12,6 +12,13 @@ renames the folder to `<step>/`, then replaces `latest` (temp + rename), then pr
 A crash at any moment therefore leaves `latest` naming a complete folder; the leftovers of the
 interrupted save are removed by the next `load`. All ranks must see the same file system.
 
+With `async_save=True` the same protocol runs later: `save` returns once each rank holds a
+host-memory snapshot of what DeepSpeed would have written, each rank's thread writes and fsyncs its
+own files and leaves a done note, and rank 0's thread publishes (marker, rename, `latest`) only
+after every rank's note. A second `save` first waits for the first (`wait`, collective); a crash or
+SIGKILL during the background write leaves a `.partial` folder and `latest` on the previous step.
+Call `wait()` on every rank before exiting (a stop signal exits only after it).
+
 The marker also lists every file of the folder with its size, and the resolved config. Before a
 resume, rank 0 verifies the checkpoint `latest` names: marker readable, every listed file present
 with its recorded size, every `.pt` loadable as tensors and plain data. A damaged one (truncated or
@@ -27,6 +34,7 @@ to `weights_only=True` (`weights_only_loads`).
     ...
     ckpt.save(engine, step, gather_client_state(step=step, epoch=epoch,
                                                 loader_state=loader.state_dict(), config=cfg))
+    ckpt.wait()                                     # before exiting (a no-op for synchronous saves)
 """
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer.async_checkpoint import BackgroundWrite, HostBuffers, make_snapshot_engine
 from trainer.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -57,7 +66,8 @@ PARTIAL_SUFFIX = ".partial"
 UNIVERSAL_SUFFIX = "_universal"
 LATEST = "latest"
 # Test hook: rank 0 SIGKILLs itself after DeepSpeed wrote the files of this step but before the
-# marker, the rename and `latest` (the worst moment for a crash).
+# marker, the rename and `latest` (the worst moment for a crash); with async saves, in its
+# background write, after its first file, while the training thread has moved on.
 CRASH_IN_SAVE_ENV = "MAMBAMIA_TEST_CRASH_IN_SAVE"
 # DeepSpeed's `ds_to_universal` refuses ZeRO-1/2 checkpoints without this top-level entry; an
 # empty pattern table is right for a model without tensor or pipeline parallel slices.
@@ -221,15 +231,22 @@ def restore_rng(client_state: dict[str, Any]) -> bool:
 class Checkpointer:
     """Save / find / load DeepSpeed checkpoints of one run folder (see the module docstring)."""
 
-    def __init__(self, run_dir: str | os.PathLike, *, keep_last: int = 3, crc32: bool = False):
+    def __init__(self, run_dir: str | os.PathLike, *, keep_last: int = 3, crc32: bool = False,
+                 async_save: bool = False):
         """`crc32`: let torch.save checksum every record. Off by default: it halves the save speed
         (measured by bench/bench_checkpoint.py) and guards only against storage corruption, not
-        against the interrupted writes the marker protocol handles."""
+        against the interrupted writes the marker protocol handles.
+
+        `async_save`: `save` returns after a host-memory snapshot and the files are written in the
+        background (see `save`, `wait`); costs host memory for one copy of each rank's state."""
         if keep_last < 1:
             raise ValueError(f"checkpoint keep_last: expected an integer >= 1, got {keep_last}")
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.crc32 = crc32
+        self.async_save = async_save
+        self._pending: BackgroundWrite | None = None
+        self._host_buffers = HostBuffers()
 
     def complete_steps(self) -> list[int]:
         """Steps whose folder holds the completion marker, oldest first."""
@@ -323,7 +340,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def save(self, engine, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: every rank writes its part into `<step>.partial/`; rank 0 then publishes it."""
+        """Collective: every rank writes its part into `<step>.partial/`; rank 0 then publishes it.
+
+        With `async_save` the call returns once every rank holds a host-memory snapshot of its
+        part; the files are written, fsynced and published by background threads
+        (trainer/async_checkpoint.py). Either way a save first waits for the one in flight.
+        """
+        self.wait()
         final = self.root / str(step)
         # Saving the step `latest` already names (a stop signal right at a periodic save) would
         # only rewrite identical state, unless that folder is damaged (a resume fell back past
@@ -340,7 +363,14 @@ class Checkpointer:
             _remove_checkpoint(self.root / f"{step}{UNIVERSAL_SUFFIX}")
         _barrier()
         state = {_UNIVERSAL_INFO_KEY: _universal_info(), **client_state}
+        marker = {"step": step, "world_size": _world_size(),
+                  "zero_stage": int(engine.zero_optimization_stage()),
+                  "code_version": client_state.get("code_version") or (code_version() if _rank() == 0 else ""),
+                  "config": client_state.get("config")}
         started = time.perf_counter()
+        if self.async_save:
+            self._save_in_background(engine, tag, state, marker, started)
+            return final
         crc32 = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(self.crc32)
         try:
@@ -351,20 +381,67 @@ class Checkpointer:
         if os.environ.get(CRASH_IN_SAVE_ENV) == str(step) and _rank() == 0:
             os.kill(os.getpid(), signal.SIGKILL)
         if _rank() == 0:
-            _fsync_files(self.root / tag)  # the data must be on disk before the marker vouches for it
-            marker = {"step": step, "world_size": _world_size(),
-                      "zero_stage": int(engine.zero_optimization_stage()),
-                      "code_version": client_state.get("code_version") or code_version(),
-                      "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "save_seconds": round(time.perf_counter() - started, 3),
-                      "files": _manifest(self.root / tag), "config": client_state.get("config")}
-            _write_atomic(self.root / tag / MARKER, json.dumps(marker, indent=1) + "\n")
-            os.replace(self.root / tag, final)
-            _fsync(self.root)
-            _write_atomic(self.root / LATEST, f"{step}\n")
-            self._prune(keep=step)
+            self._publish(marker, started)
         _barrier()
         return final
+
+    def _publish(self, marker: dict[str, Any], started: float) -> None:
+        """Rank 0, once every rank's files are written: fsync them, write the marker, rename the
+        folder to its step, then move `latest` (each durable before the next), then prune."""
+        step = marker["step"]
+        folder = self.root / f"{step}{PARTIAL_SUFFIX}"
+        _fsync_files(folder)  # the data must be on disk before the marker vouches for it
+        marker = {**marker, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "save_seconds": round(time.perf_counter() - started, 3), "async": self.async_save,
+                  "files": _manifest(folder)}
+        _write_atomic(folder / MARKER, json.dumps(marker, indent=1) + "\n")
+        os.replace(folder, self.root / str(step))
+        _fsync(self.root)
+        _write_atomic(self.root / LATEST, f"{step}\n")
+        self._prune(keep=step)
+
+    def _save_in_background(self, engine, tag: str, state: dict[str, Any], marker: dict[str, Any],
+                            started: float) -> None:
+        """DeepSpeed's save_checkpoint with the snapshot engine swapped in, then the write thread.
+
+        The engine's own checkpoint engine is put back at once, so loads keep using it."""
+        snapshots = make_snapshot_engine(self._host_buffers)
+        own = engine.checkpoint_engine
+        engine.checkpoint_engine = snapshots
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False)
+        finally:
+            engine.checkpoint_engine = own
+        # save_checkpoint ends with a barrier: every rank holds its snapshot, training may go on.
+        step = marker["step"]
+        self._pending = BackgroundWrite(
+            snapshots.files, self.root / tag, rank=_rank(), world_size=_world_size(), crc32=self.crc32,
+            publish=(lambda: self._publish(marker, started)) if _rank() == 0 else None,
+            crash_after_first_file=os.environ.get(CRASH_IN_SAVE_ENV) == str(step) and _rank() == 0)
+        log.info("checkpoint %d: snapshot taken in %.3f s, writing in the background", step,
+                 time.perf_counter() - started)
+
+    def in_flight(self) -> bool:
+        """Whether an asynchronous save is still being written or published (local, no communication)."""
+        return self._pending is not None and not self._pending.done()
+
+    def wait(self) -> None:
+        """Collective when `async_save`: block until the save in flight is durable on every rank
+        and published. Raises CheckpointError on every rank if any rank's write failed (the
+        previous checkpoint then stays `latest`). Call it on all ranks before exiting."""
+        if not self.async_save:
+            return
+        pending, self._pending = self._pending, None
+        error = pending.join() if pending is not None else None
+        errors = [error]
+        if _world_size() > 1:
+            errors = [None] * _world_size()
+            dist.all_gather_object(errors, error)
+        failed = [(rank, text) for rank, text in enumerate(errors) if text]
+        if failed:
+            rank, text = failed[0]
+            raise CheckpointError(f"{pending.folder if pending else self.root}: asynchronous save failed on "
+                                  f"rank {rank} ({text}); `latest` still names the previous checkpoint")
 
     def _already_saved(self, step: int) -> bool:
         """Collective: `latest` names `step` and its folder's files match its marker."""
