@@ -55,7 +55,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="stage YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides: optimizer.lr=1e-4 ...")
-    return parser.parse_args(argv)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (includes, overrides, ${ENV} and validation "
+                             "applied) as YAML and exit 0 without training; a bad value exits 2")
+    # Intermixed: the flag may come before, between or after the overrides.
+    return parser.parse_intermixed_args(argv)
 
 
 def build_model(cfg: RunConfig):
@@ -193,7 +197,14 @@ def save(ckpt: Checkpointer, engine, step: int, loader, cfg: RunConfig, nonfinit
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     # ConfigError is also raised after start-up (batch sizes vs world size, init_from, a resume).
+    if args.print_config:
+        return errors.run_reporting("mambamia train", lambda: _print_config(args))
     return errors.run_reporting("mambamia train", lambda: run(load_config(args.config, args.overrides)))
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="", flush=True)
+    return 0
 
 
 def open_loader(data_cfg, tokenizer, rank: int, world_size: int, what: str):
