@@ -169,6 +169,18 @@ wait_idle() {  # N: every host registered and idle; resumes hosts left DOWN by a
     fail "hosts not idle after 30 s: $(tr '\n' ' ' <<<"$states") (see $LOGS/)"
 }
 
+# Host to host over the bridge (the controller only proves host to root): host 1 connects to
+# a closed port of every other host, which answers at once with a reset. Silence instead means a
+# host firewall drops bridged traffic (br_netfilter with a DROP forward policy, as Docker
+# installs): better found here than as a hung job.
+check_links() {
+    local n=$1 k
+    for ((k = 2; k <= n; k++)); do
+        nsenter --net="/run/netns/$(ns 1)" timeout 5 bash -c "exec 3<>/dev/tcp/$(addr "$k")/9" 2>/dev/null
+        [ $? != 124 ] || fail "node1 gets no answer from node$k ($(addr "$k")) over $BRIDGE: is bridged traffic filtered (net.bridge.bridge-nf-call-iptables)?"
+    done
+}
+
 cmd_up() {
     local n=${1:-2} k started restart=0
     [[ "$n" =~ ^[1-9]$ ]] || fail "N: expected 1-9 hosts, got '$n'"
@@ -196,6 +208,7 @@ cmd_up() {
     for _ in $(seq 100); do cluster scontrol ping 2>/dev/null | grep -F "is UP" >/dev/null && break; sleep 0.1; done
     for ((k = 1; k <= n; k++)); do start_slurmd "$k"; done
     wait_idle "$n"
+    check_links "$n"
     say "ready: $n hosts idle in $(awk -v a="$started" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s" \
         "($(for ((k = 1; k <= n; k++)); do printf 'node%s=%s ' "$k" "$(addr "$k")"; done)controller $NET.1); export SLURM_CONF=$CONF"
 }
