@@ -97,7 +97,8 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
                    help="shrink frames while decoding so the shorter side is at most PIXELS (saves memory "
                         "on 4K sources; the encoder resizes to its input either way). Default: full size")
     g = parser.add_argument_group("vision encoder")
-    g.add_argument("--encoder", help="local folder of a SigLIP/CLIP vision model (with preprocessor_config.json)")
+    g.add_argument("--encoder", help="SigLIP/CLIP vision model (with preprocessor_config.json): a local folder or "
+                   "a hub id, e.g. google/siglip2-so400m-patch16-384")
     g.add_argument("--layer", type=int, default=-2, help="hidden state to keep (default -2)")
     g.add_argument("--pool", type=int, default=1, help="average-pool the patch grid by this factor (default 1)")
     g.add_argument("--batch-size", type=int, default=32, help="frames per encoder forward (default 32)")

@@ -27,7 +27,8 @@ _RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "biline
 @dataclass(kw_only=True)
 class EncoderConfig:
     path: str
-    """Folder with the vision tower (or a full CLIP/SigLIP model) and its preprocessor_config.json."""
+    """The vision tower (or a full CLIP/SigLIP model) with its preprocessor_config.json: a local
+    folder or a hub id (`google/siglip2-so400m-patch16-384`, read from the hub cache when offline)."""
     layer: int = -2
     """Index into the hidden states (0 = embeddings, -1 = last layer)."""
     pool: int = 1
@@ -55,8 +56,8 @@ class Preprocess:
     std: tuple[float, float, float] | None
 
     @classmethod
-    def load(cls, folder: Path) -> Preprocess:
-        path = folder / "preprocessor_config.json"
+    def load(cls, source: str) -> Preprocess:
+        path = tower_file(source, "preprocessor_config.json")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; the vision encoder folder needs its image "
                                     "processor config (size, image_mean, image_std)")
@@ -103,6 +104,23 @@ class Preprocess:
         return x
 
 
+def tower_file(source: str, name: str) -> Path:
+    """`name` in the vision tower's local folder, or fetched from hub repo `source` (read from the
+    hub cache under HF_HUB_OFFLINE=1); a path that may not exist, for the caller's error."""
+    if Path(source).is_dir():
+        return Path(source) / name
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(source, name))
+    except (OSError, ValueError):  # not in the repo (or its cache): the caller names what is missing
+        return Path(source) / name
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
 def pick_device(name: str) -> torch.device:
     """'auto': this process's GPU when there is one, else the CPU.
 
@@ -125,12 +143,16 @@ class FrameEncoder:
         from transformers import AutoModel
 
         folder = Path(config.path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder / 'config.json'}: missing; expected a local Hugging Face "
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder / 'config.json'}: missing; expected a Hugging Face "
                                     "folder holding a SigLIP/CLIP vision model")
         self.config = config
         self.device = pick_device(config.device)
-        model = AutoModel.from_pretrained(folder)
+        try:  # a local folder or a hub id (downloaded, or read from the hub cache when offline)
+            model = AutoModel.from_pretrained(config.path)
+        except OSError as err:  # not a folder, not a valid id, not on the hub, offline and not cached
+            raise FileNotFoundError(f"{config.path}: neither a local folder nor a hub id of a SigLIP/CLIP "
+                                    f"vision model that resolves ({_one_line(err)})") from None
         if hasattr(model.config, "vision_config"):  # a full CLIP/SigLIP: keep only the image tower
             if not hasattr(model, "vision_model"):
                 raise ValueError(f"{folder}: {type(model).__name__} has no vision_model to extract from")
@@ -147,7 +169,7 @@ class FrameEncoder:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = model.to(self.device, dtype).eval().requires_grad_(False)
         self.dtype = dtype
-        self.preprocess = Preprocess.load(folder)
+        self.preprocess = Preprocess.load(config.path)
         self.name = folder.name
         pooled = math.ceil(self.grid / config.pool)
         self.patches_per_frame = pooled * pooled

@@ -110,10 +110,12 @@ class VideoLLM(nn.Module):
         """Load the LLM and tokenizer from `config.llm_path`; new compressor and projector."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not Path(config.llm_path).is_dir():
-            raise FileNotFoundError(f"VideoLLMConfig.llm_path: {config.llm_path} is not a folder "
-                                    "holding a HF causal LM and its tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(config.llm_path)
+        try:  # a local folder or a hub id (downloaded, or read from the hub cache when offline)
+            tokenizer = AutoTokenizer.from_pretrained(config.llm_path)
+        except OSError as err:  # not a folder, not a valid id, not on the hub, offline and not cached
+            raise FileNotFoundError(f"VideoLLMConfig.llm_path: {config.llm_path!r} is neither a local "
+                                    "folder holding a HF causal LM and its tokenizer nor a hub id that "
+                                    f"resolves ({_one_line(err)})") from None
         config = dataclasses.replace(config, video_token_id=resolve_video_token_id(tokenizer, config))
         llm = AutoModelForCausalLM.from_pretrained(
             config.llm_path, dtype=getattr(torch, config.llm_dtype),
@@ -215,7 +217,8 @@ class VideoLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "VideoLLM":
-        folder = Path(folder)
+        """Load a saved model from a local folder or a hub id (a repo holding that folder)."""
+        folder = pretrained_folder(folder)
         cfg_path = folder / CONFIG_FILE
         if not cfg_path.is_file():
             raise FileNotFoundError(f"VideoLLM.from_pretrained: {cfg_path} is missing; expected a "
@@ -240,6 +243,24 @@ class VideoLLM(nn.Module):
         if separator is not None:
             with torch.no_grad():
                 self.frame_separator.copy_(separator)
+
+
+def pretrained_folder(name: str | os.PathLike) -> Path:
+    """A saved model's local folder: `name` itself, or the snapshot of hub repo `name` (downloaded,
+    or read from the hub cache under HF_HUB_OFFLINE=1)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(name)))
+    except (OSError, ValueError) as err:  # not a repo id, not on the hub, offline and not cached
+        raise FileNotFoundError(f"VideoLLM.from_pretrained: {str(name)!r} is neither a local folder nor "
+                                f"a hub id that resolves ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
 
 
 def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

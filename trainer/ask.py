@@ -49,6 +49,18 @@ class Seen:
     """Indices into the sampled frames that the compressor kept."""
 
 
+def export_folder(name: str) -> Path:
+    """EXPORT_DIR itself, or the snapshot of a hub repo holding an export (hub cache when offline)."""
+    from model.video_llm import pretrained_folder
+
+    if Path(name).is_dir() or name.startswith((".", "/", "~")):  # a path: check_export names it
+        return Path(name)
+    try:
+        return pretrained_folder(name)
+    except FileNotFoundError as err:
+        raise AskError(str(err)) from None
+
+
 def check_export(folder: Path) -> dict:
     """The export's training.json (or {}) after checking that every part is there."""
     if not folder.is_dir():
@@ -84,8 +96,8 @@ def encoder_folder(args: argparse.Namespace, export: Path, features: dict) -> Pa
         made = f" (training used features of {features.get('encoder')!r}, layer {features.get('layer')})" \
             if features else ""
         raise AskError(f"{export}: holds no vision tower; pass --encoder FOLDER{made}")
-    if not (folder / "config.json").is_file():
-        raise AskError(f"{folder / 'config.json'}: missing; --encoder expects a local SigLIP/CLIP folder")
+    if folder.is_dir() and not (folder / "config.json").is_file():  # anything else: a hub id
+        raise AskError(f"{folder / 'config.json'}: missing; --encoder expects a SigLIP/CLIP folder or hub id")
     return folder
 
 
@@ -108,7 +120,7 @@ def load_encoder(folder: Path, features: dict, pool: int):
 
 
 def ask(args: argparse.Namespace) -> Seen:
-    export, video = Path(args.export_dir), Path(args.video)
+    export, video = export_folder(args.export_dir), Path(args.video)
     question = args.question.strip()
     if not question:
         raise AskError("the question is empty; expected text, e.g. \"What colour is the square?\"")
@@ -186,10 +198,10 @@ def explain(seen: Seen, question: str, out: Path, max_thumbs: int = 16) -> Path:
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mambamia ask", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("export_dir", help="folder written by `mambamia export`")
+    p.add_argument("export_dir", help="folder written by `mambamia export` (or a hub id of one)")
     p.add_argument("video", help="a video file (mp4, mkv, webm, ...)")
     p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--encoder", default=None, help="vision tower folder (default: EXPORT_DIR/vision)")
+    p.add_argument("--encoder", default=None, help="vision tower folder or hub id (default: EXPORT_DIR/vision)")
     p.add_argument("--pool", type=int, default=1, help="patch-grid pooling, as convert's --pool (default 1)")
     p.add_argument("--frames", type=int, default=None, help="frames sampled at most (default: training's)")
     p.add_argument("--fps", type=float, default=None, help="sampling rate (default: training's, else 1)")

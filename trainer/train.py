@@ -68,11 +68,16 @@ def build_model(cfg: RunConfig):
     With `init_from` the architecture still comes from this stage's `model` section (so a stage
     can switch on recomputation or keep more frames) and the LLM is read from `init_from/llm`.
     """
-    from model.video_llm import VideoLLM
+    from model.video_llm import VideoLLM, pretrained_folder
 
     if cfg.init_from is None:
         return VideoLLM.build(cfg.model)
     folder = Path(cfg.init_from)
+    if not folder.is_dir() and not cfg.init_from.startswith((".", "/", "~")):  # a hub id of an export
+        try:
+            folder = pretrained_folder(cfg.init_from)
+        except FileNotFoundError as err:
+            raise ConfigError(f"init_from: {err}") from None
     for name in ("llm", "compressor.safetensors", "projector.safetensors"):
         if not (folder / name).exists():
             raise ConfigError(f"init_from: {folder / name} is missing; expected a `mambamia export` folder")
