@@ -174,7 +174,14 @@ def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, orac
 
     oracle_run, _ = oracle
     assert sorted(p.name for p in oracle_export.iterdir()) == [
-        "compressor.safetensors", "llm", "mambamia.json", "projector.safetensors", "training.json"]
+        "README.md", "compressor.safetensors", "llm", "mambamia.json", "projector.safetensors",
+        "training.json"]
+    from trainer.config import load_config
+    from trainer.model_card import CARD, _front_matter
+
+    card = _front_matter(oracle_export / CARD)
+    assert card["base_model"] == load_config(oracle_run / "config.yaml").model.llm_path
+    assert [s["steps"] for s in card["mambamia"]["stages"]] == [STEPS]
     dumped = torch.load(tiny_root / "logits.pt", weights_only=False)
     torch.testing.assert_close(_logits_of(oracle_export, dumped), dumped["logits"], atol=1e-6, rtol=0)
     assert export_main([str(oracle_run), str(tmp_path / "x"), "--step", "5"]) == 4

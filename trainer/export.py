@@ -4,7 +4,9 @@
 
 OUT_DIR gets `VideoLLM.save_pretrained`'s layout (llm/ in HF format with its tokenizer,
 compressor.safetensors, projector.safetensors, mambamia.json): what the next stage's `init_from`
-and `mambamia eval` read. Runs in one process on CPU, whatever world size and ZeRO stage trained.
+and `mambamia eval` read; plus training.json (the stage's data and frames) and README.md, a model
+card (trainer/model_card.py: base LLM, vision tower, compressor, token budget, stages, data
+mixture), so the folder can be pushed to a hub as is. Runs in one process on CPU, whatever world size and ZeRO stage trained.
 
 Weights come from the fp32 master copy held by the optimizer partitions (DeepSpeed's
 zero_to_fp32 reader), not from the bf16 module copy, so a bf16 run exports its exact master
@@ -15,11 +17,13 @@ is exact in the dtype they were loaded in).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 from trainer import errors
+from trainer.model_card import card_data, write_card
 from trainer.checkpoint import (RANK0_MODEL_STATES, Checkpointer, CheckpointError, safe_load,
                                 weights_only_loads)
 
@@ -88,6 +92,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
     from trainer.validation import write_training_record
 
     write_training_record(cfg, out_dir)  # what eval checks its scoring mode against
+    features = json.loads((out_dir / "training.json").read_text()).get("features")
+    write_card(out_dir, card_data(cfg, step, features, ckpt.info(step).get("code_version") or "unknown"))
     return out_dir
 
 
