@@ -127,17 +127,20 @@ def _logits_of(export: Path, dumped: dict) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_kill_and_signal_then_resume_match_uninterrupted_run(tiny_root, oracle):
+@pytest.mark.parametrize("mode", [[], ["checkpoint.async=true"]], ids=["sync", "async"])
+def test_kill_and_signal_then_resume_match_uninterrupted_run(tiny_root, oracle, mode):
+    """With checkpoint.async the SIGKILL hits rank 0's background write of step 4, and the exit 85
+    must come only after step 3 is published."""
     _, expected = oracle
-    run = tiny_root / "runs" / "interrupted"
+    run = tiny_root / "runs" / f"interrupted_{'async' if mode else 'sync'}"
     env = {"MAMBAMIA_TINY": str(tiny_root)}
     ckpt = Checkpointer(run)
-    codes = launch(run, 2, *COMMON, target=_train, env={**env, CRASH_IN_SAVE_ENV: "4"})
+    codes = launch(run, 2, *COMMON, *mode, target=_train, env={**env, CRASH_IN_SAVE_ENV: "4"})
     assert codes[0] == -signal.SIGKILL
     assert ckpt.latest_step() == 2 and (ckpt.root / "4.partial").is_dir()
-    assert launch(run, 2, *COMMON, target=_train, env={**env, SIGNAL_ENV: "3"}) == [85, 85]
+    assert launch(run, 2, *COMMON, *mode, target=_train, env={**env, SIGNAL_ENV: "3"}) == [85, 85]
     assert ckpt.latest_step() == 3 and not (ckpt.root / "4.partial").exists()
-    assert launch(run, 2, *COMMON, target=_train, env=env) == [0, 0]
+    assert launch(run, 2, *COMMON, *mode, target=_train, env=env) == [0, 0]
     assert ckpt.latest_step() == STEPS
     losses = _losses(run)
     assert sorted(losses) == sorted(expected)

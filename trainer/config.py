@@ -77,6 +77,12 @@ class CheckpointConfig:
     every_steps: int = 0
     """Save every N optimizer steps (0: only at the end and on a stop signal)."""
     keep_last: int = 2
+    async_save: bool = field(default=False, metadata={"yaml_key": "async"})
+    """YAML key `async` (`async_save` also accepted). Take a host-memory snapshot at the save step
+    and write the files in background threads while training goes on (trainer/async_checkpoint.py).
+    Same crash safety: a checkpoint is published only when every rank's files are on disk, a
+    second save waits for the first, a stop signal exits only once the save is durable. Costs
+    host memory for one copy of each rank's checkpoint share."""
 
 
 @dataclass(kw_only=True)
@@ -94,6 +100,19 @@ class LoggingConfig:
     every_steps: int = 1
     tensorboard: bool = True
     progress_bar: bool = True
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device in the training precision, for MFU; unset: looked up from
+    the GPU's name (trainer/metrics.py), and MFU is left out, saying why once, where unknown."""
+
+
+@dataclass(kw_only=True)
+class ProfilingConfig:
+    steps: list[int] = field(default_factory=list)
+    """[start, end]: record a torch.profiler trace of optimizer steps start..end (inclusive, counted
+    from 1) on every rank into RUN_DIR/profile/ (TensorBoard profile plugin / Chrome trace
+    layout); empty: off."""
+    wall_clock_breakdown: bool = False
+    """DeepSpeed's per-step forward/backward/step timers, printed by DeepSpeed."""
 
 
 @dataclass(kw_only=True)
@@ -121,6 +140,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
 
     def validate(self) -> None:
         """Value ranges and checks that span several fields; types were checked while building."""
@@ -142,6 +162,9 @@ class RunConfig:
                               "parallel.pipeline_stages > 1")
         if self.parallel.offload_params != "none" and self.parallel.zero_stage != 3:
             raise ConfigError("parallel.offload_params: needs parallel.zero_stage=3")
+        steps = self.profiling.steps
+        if steps and not (len(steps) == 2 and 1 <= steps[0] <= steps[1]):
+            raise ConfigError(f"profiling.steps: expected [start, end] with 1 <= start <= end, got {steps}")
 
 
 def _in_range(value: float | None, low: float, high: float, *, low_open: bool = False,
@@ -183,6 +206,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         *((f"validation.sources.{i}.weight", src.weight, 0, inf, False, True, "a finite number >= 0")
           for i, src in enumerate(cfg.validation.sources)),
         ("logging.every_steps", cfg.logging.every_steps, 1, inf, False, False, ">= 1"),
+        ("logging.peak_tflops", cfg.logging.peak_tflops, 0, inf, True, True, "a finite number > 0 (unset: from the GPU)"),
     ]
     for key, value, low, high, low_open, high_open, expected in checks:
         if not _in_range(value, low, high, low_open=low_open, high_open=high_open):
@@ -303,6 +327,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
         raise ConfigError(f"{where or '<root>'}: expected a mapping for {cls.__name__}, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    raw = _rename_yaml_keys(cls, raw, where)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{_join(where, unknown[0])}: unknown key; allowed keys: {sorted(fields)}")
@@ -318,6 +343,20 @@ def build(cls: type, raw: Any, where: str) -> Any:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"{where or '<root>'}: {err}") from None
+
+
+def _rename_yaml_keys(cls: type, raw: dict, where: str) -> dict:
+    """Fields whose YAML key is a Python keyword (`async`) declare it as metadata `yaml_key`; both
+    spellings are accepted, not together."""
+    out = dict(raw)
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("yaml_key")
+        if key is None or key not in out:
+            continue
+        if f.name in out:
+            raise ConfigError(f"{_join(where, key)}: given twice, also as {f.name}; keep one")
+        out[f.name] = out.pop(key)
+    return out
 
 
 def _join(where: str, name: str) -> str:

@@ -63,7 +63,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, *, on_cuda: bool = False) -
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": _NEVER,
-        "wall_clock_breakdown": False,
+        # DeepSpeed's forward/backward/step timers, printed by DeepSpeed every step when asked for.
+        "wall_clock_breakdown": cfg.profiling.wall_clock_breakdown,
     }
     assert ds["train_batch_size"] == micro * accum * world_size
     return ds

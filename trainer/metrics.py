@@ -8,25 +8,66 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import time
 from pathlib import Path
 
 import torch
 
-# Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s.
-_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense (no sparsity) tensor-core peaks of one device from the vendors' data sheets, TFLOP/s:
+# (bf16/fp16, tf32). Matched against the device name torch reports, first match wins, so the more
+# specific names (GH200 before H200, H100 PCIe before H100) come first; word boundaries keep A10
+# from matching A100 or A10G.
+_PEAK_TFLOPS: list[tuple[str, tuple[float, float]]] = [
+    (r"GB200", (2500.0, 1250.0)),
+    (r"B200", (2250.0, 1100.0)),
+    (r"B100", (1750.0, 875.0)),
+    (r"GH200", (989.0, 494.0)),
+    (r"H100 PCIe", (756.0, 378.0)),
+    (r"H100 NVL", (835.0, 418.0)),
+    (r"H100|H200|H800", (989.0, 494.0)),
+    (r"H20\b", (148.0, 74.0)),
+    (r"A100|A800", (312.0, 156.0)),
+    (r"\bA30\b", (165.0, 82.0)),
+    (r"L40S", (362.0, 183.0)),
+    (r"\bL40\b", (181.0, 90.5)),
+    (r"\bL4\b", (121.0, 60.0)),
+    (r"\bA10\b", (125.0, 62.5)),
+    (r"RTX A6000", (154.8, 77.4)),
+    (r"MI300X|MI325X", (1307.0, 653.7)),
+    (r"MI250X", (383.0, 191.5)),
+]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, or None (CPU, unknown GPU): then no MFU is reported."""
+def peak_for_name(name: str, precision: str) -> tuple[float | None, str]:
+    """(dense peak FLOP/s of the device called `name` for `precision`, where it comes from), or
+    (None, why not). fp32 training is measured against the TF32 tensor-core peak, the most fp32
+    matmuls reach (with TF32 allowed; without it MFU comes out low)."""
+    column, kind = (0, "bf16") if precision in ("bf16", "fp16") else (1, "tf32")
+    for pattern, peaks in _PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peaks[column] * 1e12, f"{name}, {kind} data-sheet peak"
+    return None, (f"MFU is not reported: no peak FLOP/s known for {name!r}; set logging.peak_tflops "
+                  "to the device's dense peak in the training precision")
+
+
+def peak_with_source(device: torch.device, precision: str = "bf16",
+                     override_tflops: float | None = None) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, where it comes from), or (None, a sentence saying why MFU is
+    not reported). `override_tflops` (config `logging.peak_tflops`) wins over the table."""
+    if override_tflops is not None:
+        return override_tflops * 1e12, "logging.peak_tflops"
     if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in _PEAK_BF16.items():
-        if key in name:
-            return value
-    return None
+        return None, (f"MFU is not reported on {device.type}: it has no tensor-core peak to compare "
+                      "with (set logging.peak_tflops to report one anyway)")
+    return peak_for_name(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops(device: torch.device, precision: str = "bf16",
+               override_tflops: float | None = None) -> float | None:
+    """The peak of `peak_with_source`, or None: then no MFU is reported."""
+    return peak_with_source(device, precision, override_tflops)[0]
 
 
 def train_flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:

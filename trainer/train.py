@@ -33,7 +33,8 @@ from trainer.config import ConfigError, RunConfig, load_config, resume_changes, 
 from trainer.dist import DistInfo, init_distributed
 from trainer.engine import (apply_optimizer_config, build_engine, grad_accumulation_steps,
                             quiet_known_warnings, resolve_precision)
-from trainer.metrics import MetricsLogger, memory_gb, peak_flops, train_flops_per_token
+from trainer.metrics import MetricsLogger, memory_gb, peak_with_source, train_flops_per_token
+from trainer.profiling import StepProfiler
 from trainer.rng import seed_everything
 
 
@@ -304,7 +305,7 @@ def run(cfg: RunConfig) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     info.check_shared_folder(run_dir)  # every host must see the checkpoints the others write
-    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last)
+    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     # Decided before anything is built, so that a refused config change costs nothing and
     # config.yaml only ever records values in effect.
     point = ckpt.resume_point()
@@ -337,18 +338,24 @@ def run(cfg: RunConfig) -> int:
     llm_cfg = model.llm.config
     numel = {name: sum(getattr(p, "ds_numel", p.numel()) for _, p in params)
              for name, params in model.module_groups().items()}
-    peak = peak_flops(info.device)
+    peak, peak_source = peak_with_source(info.device, resolve_precision(cfg, info.on_cuda),
+                                         cfg.logging.peak_tflops)
+    metrics.write(f"[train] {peak_source}" if peak is None
+                  else f"[train] MFU against {peak / 1e12:.4g} TFLOP/s per device ({peak_source})")
+    profiler = StepProfiler(run_dir, cfg.profiling.steps, rank=info.rank)
     batches = endless(loader)
     if stages > 1:
         pipeline_steps = pipeline.PipelineSteps(engine, batches, info.device, dtype)
     saved_step = step if point is not None else None
     try:
         while step < total_steps:
+            profiler.step_begins(step + 1)
             started = time.perf_counter()
             result = (train_step(engine, batches, accum, info, dtype) if stages == 1
                       else pipeline_steps(info))
             step += 1
             elapsed = time.perf_counter() - started
+            profiler.step_ended(step)
             if result.skipped:
                 nonfinite += 1
                 all_keys = [None] * info.world_size
@@ -360,11 +367,13 @@ def run(cfg: RunConfig) -> int:
                 if nonfinite > cfg.max_nonfinite_steps:
                     if info.is_main:
                         print(f"mambamia train: stopping: {message}", file=sys.stderr, flush=True)
+                    ckpt.wait()
                     return errors.DIVERGED
             if step % cfg.logging.every_steps == 0 or step == total_steps:
                 scalars = {"loss": result.loss, "grad_norm": result.grad_norm,
                            **lr_by_group(optimizer),
                            "throughput/tokens_per_s": result.tokens / elapsed,
+                           "throughput/tokens_per_s_per_device": result.tokens / elapsed / info.world_size,
                            "throughput/samples_per_s": result.samples / elapsed,
                            "visual_tokens_per_sample": result.visual_tokens / result.samples,
                            "time/step_s": elapsed, "time/data_wait_frac": result.data_wait_s / elapsed,
@@ -395,11 +404,14 @@ def run(cfg: RunConfig) -> int:
             if signals.should_stop():
                 if saved_step != step:
                     save(ckpt, engine, step, loader, cfg, nonfinite)
+                ckpt.wait()  # with checkpoint.async: exit 85 only once the save is durable
                 metrics.write(f"[train] stop signal: checkpointed step {step}, exiting for requeue")
                 return signals.REQUEUE_EXIT_CODE
+        ckpt.wait()
         metrics.write(f"[train] stage {cfg.stage} finished at step {step}")
         return 0
     finally:
+        profiler.close()
         metrics.close()
 
 
