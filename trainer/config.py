@@ -96,9 +96,41 @@ class ValidationConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases beside TensorBoard (trainer/wandb_log.py; `pip install mambamia[wandb]`):
+    the same scalars, the resolved config, and one run id per run folder (stored in
+    RUN_DIR/wandb_run_id), so a resumed run continues the same W&B run. WANDB_MODE=offline keeps
+    everything on the machine (sync later with `wandb sync RUN_DIR/wandb`)."""
+    enabled: bool = False
+    project: str = "mambamia"
+    run_name: str | None = None
+    """Display name; unset: the stage name."""
+    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+    """Team or user; unset: the logged-in account's default."""
+
+
+@dataclass(kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on the LLM (trainer/lora.py, peft; `pip install mambamia[lora]`). With
+    `enabled`, `trainable` must name `llm`, which then trains through its adapters only: the base
+    weights stay frozen and get no optimizer state. `mambamia export` merges the adapters into the
+    exported LLM (or keeps them beside it with --keep-adapters)."""
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    """The adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names (last component) of the LLM's linear layers that get adapters; Qwen2/LLaMA names by default."""
+
+
+@dataclass(kw_only=True)
 class LoggingConfig:
     every_steps: int = 1
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     progress_bar: bool = True
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one device in the training precision, for MFU; unset: looked up from
@@ -129,6 +161,8 @@ class RunConfig:
     stage's `model` section describes."""
     trainable: list[str]
     """Module groups that train; every other group is frozen and gets no optimizer state."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train the LLM through low-rank adapters instead of all its weights (off by default)."""
     max_nonfinite_steps: int = 3
     """Steps with a non-finite loss or gradient norm that are skipped before the run stops."""
     data: DataConfig
@@ -147,6 +181,13 @@ class RunConfig:
         _check_ranges(self)
         if not self.trainable:
             raise ConfigError("trainable: expected at least one module group, got []")
+        if self.lora.enabled and "llm" not in self.trainable:
+            raise ConfigError(f"lora.enabled: the LLM trains through its adapters only when trainable "
+                              f"names llm, got {self.trainable}")
+        if self.lora.enabled and not self.lora.target_modules:
+            raise ConfigError("lora.target_modules: expected at least one module name, got []")
+        if self.lora.enabled and self.parallel.pipeline_stages > 1:
+            raise ConfigError("lora.enabled: not implemented for parallel.pipeline_stages > 1")
         for name in self.optimizer.group_lr:
             if name not in self.trainable:
                 raise ConfigError(f"optimizer.group_lr.{name}: not in trainable {self.trainable}")
@@ -206,6 +247,9 @@ def _check_ranges(cfg: RunConfig) -> None:
         *((f"validation.sources.{i}.weight", src.weight, 0, inf, False, True, "a finite number >= 0")
           for i, src in enumerate(cfg.validation.sources)),
         ("logging.every_steps", cfg.logging.every_steps, 1, inf, False, False, ">= 1"),
+        ("lora.rank", cfg.lora.rank, 1, inf, False, False, ">= 1"),
+        ("lora.alpha", cfg.lora.alpha, 0, inf, True, True, "a finite number > 0"),
+        ("lora.dropout", cfg.lora.dropout, 0, 1, False, True, "in [0, 1)"),
         ("logging.peak_tflops", cfg.logging.peak_tflops, 0, inf, True, True, "a finite number > 0 (unset: from the GPU)"),
     ]
     for key, value, low, high, low_open, high_open, expected in checks:
@@ -438,6 +482,7 @@ def _describe(tp: Any) -> str:
 _REFUSED_ON_RESUME = {
     "model.": "the checkpoint holds the weights and optimizer state of the saved model",
     "trainable": "frozen groups have no optimizer state in the checkpoint",
+    "lora.": "the checkpoint holds the adapters (and their optimizer state) of the saved LoRA setup",
     "init_from": "the checkpoint's weights replace whatever init_from would load",
     "seed": "it only fixes the initial weights, which the checkpoint replaces",
     "parallel.precision": "the optimizer state is laid out for the saved precision",

@@ -185,6 +185,10 @@ def build_engine(model: nn.Module, cfg: RunConfig, *, world_size: int, total_ste
     import deepspeed
 
     freeze(model, cfg.trainable)
+    if cfg.lora.enabled:  # the llm group trains through its adapters only
+        from trainer.lora import freeze_base_llm
+
+        freeze_base_llm(model)
     optimizer, scheduler = build_optimizer(param_groups(model, cfg), cfg, total_steps=total_steps,
                                            on_cuda=on_cuda)
     if not on_cuda:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from trainer import errors
+from trainer.config import ConfigError
+from trainer.lora import ADAPTER_DIR, has_adapters, merge_adapters, split_adapters
 from trainer.model_card import card_data, write_card
 from trainer.checkpoint import (RANK0_MODEL_STATES, Checkpointer, CheckpointError, safe_load,
                                 weights_only_loads)
@@ -64,8 +68,12 @@ def _run_config(folder: Path, run_dir: Path):
     return load_config(run_dir / "config.yaml")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None) -> Path:
-    """Write OUT_DIR from checkpoint `step` (default: the one `latest` names); returns OUT_DIR."""
+def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
+           keep_adapters: bool = False) -> Path:
+    """Write OUT_DIR from checkpoint `step` (default: the one `latest` names); returns OUT_DIR.
+
+    A LoRA run's adapters are merged into the exported LLM, or with `keep_adapters` written to
+    OUT_DIR/lora (peft's layout) beside an llm/ that holds the unchanged base weights."""
     from trainer.train import build_model
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -88,13 +96,33 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None)
         raise CheckpointError(f"{folder}: checkpoint does not match the configured model; missing "
                          f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=True)
+    adapters = _take_adapters(model, out_dir, keep_adapters)
     model.save_pretrained(out_dir)  # temporary sibling folder + rename
+    if adapters is not None:
+        os.replace(adapters, out_dir / ADAPTER_DIR)
     from trainer.validation import write_training_record
 
     write_training_record(cfg, out_dir)  # what eval checks its scoring mode against
     features = json.loads((out_dir / "training.json").read_text()).get("features")
-    write_card(out_dir, card_data(cfg, step, features, ckpt.info(step).get("code_version") or "unknown"))
+    write_card(out_dir, card_data(cfg, step, features, ckpt.info(step).get("code_version") or "unknown",
+                                  adapters=ADAPTER_DIR if adapters is not None else None))
     return out_dir
+
+
+def _take_adapters(model, out_dir: Path, keep: bool) -> Path | None:
+    """Merge a LoRA model's adapters into its LLM, or (`keep`) write them to a temporary sibling
+    of OUT_DIR (returned, moved in once OUT_DIR is in place) and unwrap the base LLM."""
+    if not has_adapters(model):
+        if keep:
+            raise ConfigError("--keep-adapters: this run trained no LoRA adapters (lora.enabled is false)")
+        return None
+    if not keep:
+        merge_adapters(model)
+        return None
+    tmp = out_dir.parent / f".{out_dir.name}.lora-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    split_adapters(model, tmp)
+    return tmp
 
 
 _EXIT_CODES = """
@@ -110,10 +138,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dir", help="a `mambamia train` run folder (holds checkpoints/)")
     parser.add_argument("out_dir", help="folder to write; replaced atomically if it exists")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--keep-adapters", action="store_true",
+                        help="LoRA runs: write the adapters to OUT_DIR/lora (peft layout) beside the "
+                             "unmerged base LLM instead of merging them into llm/")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        out = export(args.run_dir, args.out_dir, step=args.step)
+        out = export(args.run_dir, args.out_dir, step=args.step, keep_adapters=args.keep_adapters)
         print(f"mambamia export: wrote {out}")
         return 0
 

@@ -57,11 +57,14 @@ def stage_record(cfg, step: int) -> dict[str, Any]:
             "lr": {g: cfg.optimizer.group_lr.get(g, cfg.optimizer.lr) for g in cfg.trainable},
             "global_batch_size": cfg.parallel.global_batch_size, "zero_stage": cfg.parallel.zero_stage,
             "max_frames": cfg.data.max_frames,
+            "lora": dataclasses.asdict(cfg.lora) if cfg.lora.enabled else None,
             "data": [{"path": s.path, "weight": s.weight} for s in cfg.data.sources]}
 
 
-def card_data(cfg, step: int, features: dict | None, code_version: str) -> dict[str, Any]:
-    """The front matter of the card of an export of `cfg`'s run at `step`."""
+def card_data(cfg, step: int, features: dict | None, code_version: str, *,
+              adapters: str | None = None) -> dict[str, Any]:
+    """The front matter of the card of an export of `cfg`'s run at `step`; `adapters`: the folder
+    holding unmerged LoRA adapters (`mambamia export --keep-adapters`)."""
     previous = _front_matter(Path(cfg.init_from) / CARD) if cfg.init_from else None
     base = (previous or {}).get("base_model") or (cfg.init_from or cfg.model.llm_path)
     earlier = (previous or {}).get("mambamia", {}).get("stages") or []
@@ -76,6 +79,7 @@ def card_data(cfg, step: int, features: dict | None, code_version: str) -> dict[
             "frame_separator": cfg.model.frame_separator, "compressor": comp,
             "visual_tokens": {"frames": cfg.data.max_frames, "tokens": visual_tokens(cfg, features)},
             "stages": [*earlier, stage_record(cfg, step)], "code_version": code_version,
+            "unmerged_adapters": adapters,
             "eval": [],  # the previous stage's results describe other weights
         },
     }
@@ -100,6 +104,9 @@ def render(data: dict[str, Any]) -> str:
              f"| projector | {mm['projector']}, frame separator: {mm['frame_separator']} |",
              f"| visual tokens per video | {budget['tokens'] if budget['tokens'] is not None else 'unknown'} "
              f"at {budget['frames']} frames (model/budget.py) |", "",
+             *([f"llm/ holds the base LLM; the LoRA adapters trained on it are in {mm['unmerged_adapters']}/ "
+                "(peft layout): `PeftModel.from_pretrained(llm, adapters)` applies them.", ""]
+               if mm.get("unmerged_adapters") else []),
              "The full compressor configuration is `mambamia.compressor` in this file's front matter "
              "and `compressor` in `mambamia.json`.", "",
              "## Training", "", "| stage | steps | trains (lr) | batch | ZeRO | frames | data mixture (weight) |",
@@ -128,7 +135,8 @@ def _tower(tower: dict) -> str:
 def _stage_row(s: dict) -> str:
     if "steps" not in s:
         return f"| {s['stage']} | | | | | | |"
-    trains = ", ".join(f"{g} ({lr:g})" for g, lr in s["lr"].items())
+    lora = f", LoRA r={s['lora']['rank']}" if s.get("lora") else ""
+    trains = ", ".join(f"{g} ({lr:g}{lora if g == 'llm' else ''})" for g, lr in s["lr"].items())
     mixture = ", ".join(f"`{d['path']}` ({d['weight']:g})" for d in s["data"])
     return (f"| {s['stage']} | {s['steps']} | {trains} | {s['global_batch_size']} | {s['zero_stage']} "
             f"| {s['max_frames']} | {mixture} |")

@@ -71,8 +71,10 @@ def build_model(cfg: RunConfig):
     """
     from model.video_llm import VideoLLM, pretrained_folder
 
+    from trainer.lora import apply_lora
+
     if cfg.init_from is None:
-        return VideoLLM.build(cfg.model)
+        return apply_lora(VideoLLM.build(cfg.model), cfg.lora)
     folder = Path(cfg.init_from)
     if not folder.is_dir() and not cfg.init_from.startswith((".", "/", "~")):  # a hub id of an export
         try:
@@ -88,7 +90,7 @@ def build_model(cfg: RunConfig):
     except (ValueError, RuntimeError) as err:  # shapes or the separator disagree with `model`
         detail = " ".join(str(err).split())[:500]
         raise ConfigError(f"init_from: {folder} does not fit this stage's model section: {detail}") from None
-    return model
+    return apply_lora(model, cfg.lora)
 
 
 def endless(loader) -> Iterator[dict]:
