@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -87,15 +88,20 @@ def test_fused_mixer_without_causal_conv1d_falls_back_to_the_other_kernels(fresh
         kernels.split_conv1d_kernel(torch.zeros(1))
 
 
-def _run_cases(selection: str) -> None:
-    """tests/kernel_cases.py cases matching `selection` (pytest -k) in a fresh interpreter process."""
+def _run_cases(selection: str, report_dir: Path) -> None:
+    """tests/kernel_cases.py cases matching `selection` (pytest -k) in a fresh interpreter process.
+    Whether they ran is read from the JUnit report (counts), not from pytest's console wording."""
     env = {**os.environ, "TRITON_INTERPRET": "1", kernels.ENV_VAR: "fused", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    junit = report_dir / "cases.xml"
     cmd = [sys.executable, "-m", "pytest", "tests/kernel_cases.py", "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-           "-k", selection]
+           "-k", selection, f"--junitxml={junit}"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"kernel cases '{selection}' failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    suite = ElementTree.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    ran, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    assert ran > 0 and skipped == 0, f"kernel cases '{selection}': {ran} collected, {skipped} skipped"
 
 
 _MISSING = triton_cpu.missing()
@@ -108,8 +114,8 @@ _MISSING = triton_cpu.missing()
     "bidirectional_mixer",  # both fused mixer paths, both norm orders
     "trains_a_tiny_compressor",  # MAMBAMIA_KERNELS=fused training vs reference
 ], ids=["scan-norm-mutation", "mixer", "compressor-training"])
-def test_kernel_cases_under_triton_interpreter(selection):
-    _run_cases(selection)
+def test_kernel_cases_under_triton_interpreter(selection, tmp_path):
+    _run_cases(selection, tmp_path)
 
 
 def test_gpu_check_dry_run_checks_its_plan_and_the_real_run_refuses_cpu(tmp_path):
