@@ -93,9 +93,11 @@ class MetricsLogger:
     """Rank 0 writes `run_dir/tensorboard/`, `run_dir/metrics.jsonl` and a tqdm bar; others no-op."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, start_step: int, total_steps: int,
-                 tensorboard: bool = True, progress_bar: bool = True):
+                 tensorboard: bool = True, progress_bar: bool = True, wandb=None):
         self.enabled = enabled
         self._writer = self._jsonl = self._bar = None
+        # A further sink of the same scalars (trainer/wandb_log.py): log(step, scalars), close().
+        self._wandb = wandb if enabled else None
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -117,6 +119,8 @@ class MetricsLogger:
         if self._writer is not None:
             for tag, value in scalars.items():
                 self._writer.add_scalar(tag, value, step)
+        if self._wandb is not None:
+            self._wandb.log(step, scalars)
         clean = {k: (v if math.isfinite(v) else str(v)) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
         self._jsonl.flush()
@@ -136,7 +140,7 @@ class MetricsLogger:
             print(message, flush=True)
 
     def close(self) -> None:
-        for handle in (self._bar, self._writer, self._jsonl):
+        for handle in (self._bar, self._writer, self._jsonl, self._wandb):
             if handle is not None:
                 handle.close()
-        self._writer = self._jsonl = self._bar = None
+        self._writer = self._jsonl = self._bar = self._wandb = None

@@ -36,6 +36,7 @@ from trainer.engine import (apply_optimizer_config, build_engine, grad_accumulat
 from trainer.metrics import MetricsLogger, memory_gb, peak_with_source, train_flops_per_token
 from trainer.profiling import StepProfiler
 from trainer.rng import seed_everything
+from trainer.wandb_log import open_wandb
 
 
 _EXIT_CODES = """
@@ -336,7 +337,8 @@ def run(cfg: RunConfig) -> int:
     signals.install()
 
     metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=total_steps,
-                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar)
+                            tensorboard=cfg.logging.tensorboard, progress_bar=cfg.logging.progress_bar,
+                            wandb=open_wandb(cfg, run_dir, is_main=info.is_main))
     llm_cfg = model.llm.config
     numel = {name: sum(getattr(p, "ds_numel", p.numel()) for _, p in params)
              for name, params in model.module_groups().items()}
