@@ -47,6 +47,8 @@ DONE_SUFFIX = ".done"
 FAILED_SUFFIX = ".failed"
 # How often rank 0 looks for the other ranks' notes: short next to any real write.
 _POLL_S = 0.05
+# Nice value of the writer threads: below every training thread, not starved (19 is the floor).
+_WRITER_NICE = 10
 
 
 def _checkpoint_engine_base() -> type:
@@ -159,6 +161,7 @@ class BackgroundWrite:
         return self.error
 
     def _run(self) -> None:
+        _yield_cpu_to_training()
         try:
             self._write_own_files()
             if self._publish is not None:
@@ -194,6 +197,16 @@ class BackgroundWrite:
             time.sleep(_POLL_S)
         for r in others:
             (self.folder / f".rank{r}{DONE_SUFFIX}").unlink()
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower this thread's scheduling priority (Linux schedules threads one by one), so that where
+    the cores are busy the training thread runs first and the write takes the time left over.
+    Where that is not possible the write simply competes at the same priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux / not permitted
+        pass
 
 
 def _note(path: Path, text: str) -> None:
