@@ -116,3 +116,98 @@ def test_lora_config_errors_name_the_key(tiny_root, monkeypatch):
         load_config(STAGE1, [*LORA, "lora.dropout=1.0"])
     with pytest.raises(ConfigError, match="lora.target_modules"):
         build_model(load_config(STAGE1, [*LORA, "lora.target_modules=[no_such_layer]"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Two ranks under ZeRO-3 (and W&B offline when installed): one launch uninterrupted, one resumed.
+
+STEPS = 4
+ZERO3 = [f"schedule.total_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
+         "validation.every_steps=0", "logging.tensorboard=false", "parallel.zero_stage=3", *LORA]
+
+
+def _have_wandb() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+@pytest.mark.slow
+def test_zero3_lora_resumes_exactly_keeps_base_and_exports_merged(tiny_root, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from tests.test_resume import LOGITS_ENV, _copy_checkpoint, _logits_of, _losses, _train
+    from tests.ckpt_worker import launch
+    from trainer.checkpoint import weights_only_loads
+    from trainer.export import consolidated_state_dict, main as export_main
+    from trainer.wandb_log import RUN_ID_FILE
+
+    wandb = ["logging.wandb.enabled=true", "logging.wandb.project=ci"] if _have_wandb() else []
+    env = {"MAMBAMIA_TINY": str(tiny_root), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    full, resumed = tiny_root / "runs" / "lora_full", tiny_root / "runs" / "lora_resumed"
+    dumped_at = tiny_root / "lora_logits.pt"
+    assert launch(full, 2, *ZERO3, *wandb, target=_train, env={**env, LOGITS_ENV: str(dumped_at)}) == [0, 0]
+    expected = _losses(full)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    # A resume of a copy of the step-2 checkpoint, two ranks again: the same losses from step 3.
+    _copy_checkpoint(full, resumed, 2)
+    if wandb:
+        (resumed / RUN_ID_FILE).write_text((full / RUN_ID_FILE).read_text())
+    assert launch(resumed, 2, *ZERO3, *wandb, target=_train, env=env) == [0, 0]
+    losses = _losses(resumed)
+    assert sorted(losses) == [3, 4]
+    for step in (3, 4):
+        assert losses[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
+    if wandb:  # the resumed run continued the W&B run its folder names
+        run_id = (full / RUN_ID_FILE).read_text().strip()
+        assert [p.name.rsplit("-", 1)[1] for p in (resumed / "wandb").glob("offline-run-*")] == [run_id]
+
+    folder = full / "checkpoints" / str(STEPS)
+    state = consolidated_state_dict(folder)
+    # The frozen base LLM is bit for bit the LLM files it was loaded from.
+    base = _base_weights(tiny_root / "llm")
+    as_hf = {k.removeprefix("llm.base_model.model.").replace(".base_layer", ""): k
+             for k in state if k.startswith("llm.") and ".lora_" not in k}
+    assert set(base) <= set(as_hf)
+    assert all(torch.equal(state[as_hf[k]], base[k]) for k in base)
+    # The optimizer partitions hold what trains and nothing else; the adapters did train.
+    with weights_only_loads():
+        trained = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name,
+                                                           exclude_frozen_parameters=True)
+    assert {k.split(".", 1)[0] for k in trained} == {"compressor", "projector", "frame_separator", "llm"}
+    assert all(".lora_" in k for k in trained if k.startswith("llm."))
+    assert all(state[k].abs().max() > 0 for k in trained if ".lora_B." in k)
+
+    dumped = torch.load(dumped_at, weights_only=False)
+    merged, kept = tmp_path / "merged", tmp_path / "kept"
+    assert export_main([str(full), str(merged)]) == 0
+    assert not (merged / "lora").exists()
+    torch.testing.assert_close(_logits_of(merged, dumped), dumped["logits"], atol=1e-5, rtol=1e-5)
+    assert export_main([str(full), str(kept), "--keep-adapters"]) == 0
+    assert (kept / "lora" / "adapter_config.json").is_file()
+    kept_base = _base_weights(kept / "llm")
+    assert all(torch.equal(kept_base[k], base[k]) for k in base)
+    assert "LoRA r=4" in (merged / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_zero2_lora_with_recomputation_keeps_base_and_exports_merged(tiny_root, tmp_path):
+    """One rank, ZeRO-2, the LLM's activation checkpointing on (as tiny stage 2 has it)."""
+    from tests.test_resume import LOGITS_ENV, _logits_of, _train
+    from tests.ckpt_worker import launch
+    from trainer.export import consolidated_state_dict, main as export_main
+
+    run, dumped_at = tiny_root / "runs" / "lora_zero2", tiny_root / "lora_zero2_logits.pt"
+    overrides = ["schedule.total_steps=2", "validation.every_steps=0", "logging.tensorboard=false",
+                 "parallel.zero_stage=2", "model.gradient_checkpointing=true", *LORA]
+    env = {"MAMBAMIA_TINY": str(tiny_root), LOGITS_ENV: str(dumped_at)}
+    assert launch(run, 1, *overrides, target=_train, env=env) == [0]
+    state = consolidated_state_dict(run / "checkpoints" / "2")
+    base = _base_weights(tiny_root / "llm")
+    as_hf = {k.removeprefix("llm.base_model.model.").replace(".base_layer", ""): k
+             for k in state if k.startswith("llm.") and ".lora_" not in k}
+    assert set(base) <= set(as_hf) and all(torch.equal(state[as_hf[k]], base[k]) for k in base)
+    assert all(state[k].abs().max() > 0 for k in state if ".lora_B." in k)
+    assert export_main([str(run), str(tmp_path / "merged")]) == 0
+    dumped = torch.load(dumped_at, weights_only=False)
+    torch.testing.assert_close(_logits_of(tmp_path / "merged", dumped), dumped["logits"], atol=1e-5, rtol=1e-5)
