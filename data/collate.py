@@ -1,4 +1,12 @@
-"""Batching: right-padded text, zero-padded frames with a frame mask, frames read in place.
+"""Batching: right-padded text (or one packed row), zero-padded frames with a frame mask, frames
+read in place.
+
+Packed text (`pack=True`, data.pack_sequences): the samples' tokens are concatenated into one row
+[1, sum of lengths] with no pad, and `cu_seqlens` [B + 1] (int32, flash-attention's name and
+layout) holds where each sample begins, the last entry the total. Only boundaries are carried:
+per-sample positions and sample ids follow from them, and the model must derive its own after it
+splices the visual tokens in (each `<video>` token becomes hundreds of positions), so any computed
+here would be stale there.
 
 Feature bytes are the bulk of a batch (64 x 196 x 1152 float16 is 29 MB per video), so they are
 read from the shard straight into the batch tensor, which a DataLoader worker allocates in shared
@@ -47,6 +55,17 @@ def pad_text(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> dict
         attention[i, : len(x)] = 1
         lab[i, : len(y)] = torch.tensor(y, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": lab}
+
+
+def pack_text(ids: list[list[int]], labels: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The samples' tokens in one row, `cu_seqlens` marking their boundaries (module docstring)."""
+    lengths = torch.tensor([len(x) for x in ids], dtype=torch.int32)
+    cu_seqlens = torch.zeros(len(ids) + 1, dtype=torch.int32)
+    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    input_ids = torch.tensor([t for x in ids for t in x], dtype=torch.long)[None]
+    lab = torch.tensor([t for y in labels for t in y], dtype=torch.long)[None]
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": lab,
+            "cu_seqlens": cu_seqlens}
 
 
 def shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -161,8 +180,10 @@ class FeatureRing:
 
 
 def collate(samples: list[PreparedSample], reader: ShardReader, *, pad_id: int,
-            features_dtype: str = "float16", alloc=None) -> tuple[dict, list[tuple[PreparedSample, BadRecord]]]:
-    """The batch dict of the samples whose features read cleanly, and the failed ones.
+            features_dtype: str = "float16", alloc=None,
+            pack: bool = False) -> tuple[dict, list[tuple[PreparedSample, BadRecord]]]:
+    """The batch dict of the samples whose features read cleanly, and the failed ones; text
+    right-padded to the longest sample, or packed into one row (`pack`, module docstring).
 
     `alloc(shape, dtype)` gives the features tensor (a ring slot, shared memory, or plain memory).
     Returns ({}, failures) when no sample survives.
@@ -203,7 +224,8 @@ def collate(samples: list[PreparedSample], reader: ShardReader, *, pad_id: int,
         frame_mask[i, : len(s.frame_idx)] = True
         ts = np.asarray(s.head.meta["timestamps"], dtype=np.float32)[s.frame_idx]
         timestamps[i, : len(ts)] = torch.from_numpy(ts)
-    batch = pad_text([s.input_ids for s in kept], [s.labels for s in kept], pad_id)
+    text = ([s.input_ids for s in kept], [s.labels for s in kept])
+    batch = pack_text(*text) if pack else pad_text(*text, pad_id)
     batch.update(features=features, frame_mask=frame_mask, timestamps=timestamps,
                  keys=[s.head.key for s in kept])
     return batch, failures

@@ -57,6 +57,30 @@ class DataConfig:
     """Expected patches per frame (P); None accepts whatever the first record of a batch has."""
     feature_dim: int | None = None
     """Expected feature width (D); None accepts whatever the first record of a batch has."""
+    group_by_length: bool = False
+    """Batch samples of similar length together: the epoch's order is cut into groups of
+    `group_size` positions and each group is sorted by an estimated LLM length (kept frames x
+    `group_tokens_per_frame` + text bytes / 4, from the shard tables: no feature is read), so a
+    global batch pads to neighbours of similar length instead of the longest of a random draw.
+    Off by default: it changes which samples meet in a batch (a mild bias LLaVA-NeXT accepts for
+    its `group_by_modality_length`), and with the paper's budget visual tokens saturate at 64 kept
+    frames, so the gain comes from text length alone; turn it on for throughput (bench/
+    bench_batching.py measures both). The order stays a pure function of (seed, epoch) and does not
+    depend on world or batch size, so resume and world-size changes stay sample-exact."""
+    group_size: int = 512
+    """Positions per length group (a mega-batch). Larger groups pad less but make step cost ramp
+    from short to long batches over group_size / global batch steps; keep it a multiple of the
+    global batch and several times larger."""
+    group_tokens_per_frame: float = 73.0
+    """LLM tokens one sampled frame costs, for the length estimate only (the paper preset: 72
+    anchors + a frame separator per kept frame). Only the order within a group depends on it."""
+    pack_sequences: bool = False
+    """Collate a batch as one padding-free row (data/collate.py): its samples concatenated, with
+    `cu_seqlens` marking where each begins; the model attends within each sample only (block-
+    diagonal causal mask under SDPA, flash-attention's varlen kernel on GPU) with positions and
+    labels per sample. No pad token reaches the LLM; the loss is the same token-weighted mean.
+    Off by default: under SDPA the mask is dense ((sum of lengths)^2), so it pays off with
+    flash_attention_2 rather than on CPU; and the pipeline-parallel path takes padded batches."""
     verify_index: str = "counts"
     """How far each source's index.json is checked against its shards before training (a
     mismatch is a one-line error, data/dataset.py): "none" (names, duplicates, existence, from the
@@ -76,7 +100,8 @@ class DataConfig:
                 raise ValueError(f"data.sources[{i}].weight: expected >= 0, got {s.weight}")
         if not any(s.weight > 0 for s in self.sources):
             raise ValueError("data.sources: expected at least one source with weight > 0")
-        for name in ("batch_size", "max_frames", "max_text_len", "prefetch_factor"):
+        for name in ("batch_size", "max_frames", "max_text_len", "prefetch_factor",
+                     "group_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -88,6 +113,8 @@ class DataConfig:
                              f"got {self.features_dtype!r}")
         if self.verify_index not in VERIFY_INDEX:
             raise ValueError(f"data.verify_index: expected one of {VERIFY_INDEX}, got {self.verify_index!r}")
+        if not self.group_tokens_per_frame >= 0:
+            raise ValueError(f"data.group_tokens_per_frame: expected >= 0, got {self.group_tokens_per_frame}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch: expected >= 1, got {self.samples_per_epoch}")
 

@@ -16,6 +16,10 @@ The scheme, in order:
    its own epochs, each a permutation of its samples seeded with (seed, source, source epoch); the
    mixture epoch e continues source s at stream position e * c_s. With one source (or weights in
    proportion to sizes) a mixture epoch is exactly one pass: every sample once.
+   With `group_by_length`, the epoch's positions are then cut into groups of `group_size` and
+   each group is reordered by estimated length (Source.lengths: shard-table member sizes, nothing
+   read), ties kept in their shuffled order: still a pure function of (seed, epoch), and the same
+   global order at every world size and batch size.
 2. Ranks. The sequence is consumed in global batches of world_size x batch_size positions; rank r
    takes positions r, r + W, r + 2W, ... of each global batch. Every rank therefore has
    ceil(N / (W B)) batches per epoch whatever the shard sizes, and the last global batch is split
@@ -58,7 +62,7 @@ from data.collate import (DTYPES, BufferPool, FeatureRing, PreparedSample, colla
                           uniform_frame_indices)
 from data.config import DataConfig, DataSource
 from data.dataset import DatasetError, open_dataset
-from data.records import BadRecord, ShardReader
+from data.records import FEATURES_MEMBER, META_MEMBER, BadRecord, ShardReader
 from data.text import record_conversations, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -70,7 +74,9 @@ ZERO_COPY_HOLD = 2
 BAD_RECORDS_LOGGED = 20
 """Distinct bad records named one by one (shard, key, reason) in the log per loader; later ones
 are only counted."""
-_SMALL = ("input_ids", "attention_mask", "labels", "frame_mask", "timestamps")
+_SMALL = ("input_ids", "attention_mask", "labels", "frame_mask", "timestamps", "cu_seqlens")
+_TEXT_BYTES_PER_TOKEN = 4
+"""Metadata bytes per text token in the length estimate (BPE averages ~4 bytes of English)."""
 
 
 class Source:
@@ -86,6 +92,40 @@ class Source:
         self.size = int(self.ends[-1]) if len(self.ends) else 0
         if self.size == 0:
             raise DatasetError(f"{Path(path) / 'index.json'}: no samples")
+
+    def lengths(self, max_frames: int, tokens_per_frame: float) -> np.ndarray:
+        """Estimated LLM length of every sample, for length grouping: min(frames, max_frames) x
+        tokens_per_frame + metadata bytes / 4, frames from the features member's size (header
+        length and frame size taken from the first readable record). Only the shard tables are
+        used: no feature or text byte is read. A record missing from its tar gets 0."""
+        reader = ShardReader(check_finite=False, tables=self.tables)
+        try:
+            header, frame_bytes = self._npy_layout(reader)
+            out = np.zeros(self.size, dtype=np.float64)
+            start = 0
+            for path, end in zip(self.shards, self.ends):
+                for i, (_, members) in enumerate(reader.table(path).records[: int(end) - start]):
+                    feats, meta = members.get(FEATURES_MEMBER), members.get(META_MEMBER)
+                    frames = max(0, feats.size - header) // frame_bytes if feats is not None else 0
+                    text = meta.size / _TEXT_BYTES_PER_TOKEN if meta is not None else 0.0
+                    out[start + i] = min(frames, max_frames) * tokens_per_frame + text
+                start = int(end)
+        finally:
+            reader.close()
+        return out
+
+    def _npy_layout(self, reader: ShardReader) -> tuple[int, int]:
+        """(npy header bytes, bytes per frame) of the first readable of the source's records."""
+        for index in range(min(self.size, _MAX_FALLBACK)):
+            try:
+                head = reader.head(*self.locate(index))
+            except BadRecord:
+                continue
+            path, i = self.locate(index)
+            member = reader.table(path).records[i][1][FEATURES_MEMBER]
+            return head.data_offset - member.offset, 2 * head.shape[1] * head.shape[2]
+        raise DatasetError(f"{self.path}: none of the first {_MAX_FALLBACK} records is readable; "
+                           "cannot estimate lengths for data.group_by_length")
 
     def locate(self, index: int) -> tuple[str, int]:
         shard = int(np.searchsorted(self.ends, index, side="right"))
@@ -103,9 +143,14 @@ def apportion(total: int, weights: list[float]) -> list[int]:
 
 
 class EpochPlan:
-    """Position in a mixture epoch -> (source, sample index); a pure function of (seed, epoch)."""
+    """Position in a mixture epoch -> (source, sample index); a pure function of (seed, epoch).
 
-    def __init__(self, sizes: list[int], weights: list[float], samples_per_epoch: int, seed: int, epoch: int):
+    With `lengths` (one array per source) the positions are regrouped by length in groups of
+    `group_size` (scheme step 1); `order[p]` is then the ungrouped position that p stands for.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], samples_per_epoch: int, seed: int, epoch: int,
+                 lengths: list[np.ndarray] | None = None, group_size: int = 0):
         self.sizes, self.seed, self.epoch, self.length = sizes, seed, epoch, samples_per_epoch
         self.counts = apportion(samples_per_epoch, weights)
         order = np.repeat(np.arange(len(sizes), dtype=np.int32), self.counts)
@@ -116,6 +161,24 @@ class EpochPlan:
             where = np.flatnonzero(order == s)
             self.rank_in_source[where] = np.arange(len(where))
         self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self.order = self._grouped(lengths, group_size) if lengths is not None else None
+
+    def _grouped(self, lengths: list[np.ndarray], group_size: int) -> np.ndarray:
+        """Ungrouped positions sorted by length within each group of `group_size` (stable: equal
+        lengths keep their shuffled order). Computed for the whole epoch at once, vectorized."""
+        length = np.empty(self.length, dtype=np.float64)
+        for s in range(len(self.sizes)):
+            where = np.flatnonzero(self.source_of == s)
+            stream = self.epoch * self.counts[s] + np.arange(len(where))
+            source_epochs, j = np.divmod(stream, self.sizes[s])
+            for e in np.unique(source_epochs):
+                hit = source_epochs == e
+                length[where[hit]] = lengths[s][self._perm(s, int(e))[j[hit]]]
+        order = np.arange(self.length)
+        for first in range(0, self.length, group_size):
+            group = order[first: first + group_size]
+            order[first: first + group_size] = group[np.argsort(length[group], kind="stable")]
+        return order
 
     def _perm(self, source: int, source_epoch: int) -> np.ndarray:
         key = (source, source_epoch)
@@ -127,6 +190,8 @@ class EpochPlan:
 
     def item(self, position: int) -> tuple[int, int, int]:
         """(source, sample index within the source, source epoch) at `position`."""
+        if self.order is not None:
+            position = int(self.order[position])
         s = int(self.source_of[position])
         stream = self.epoch * self.counts[s] + int(self.rank_in_source[position])
         source_epoch, j = divmod(stream, self.sizes[s])
@@ -152,10 +217,13 @@ class _Spec:
     rank: int
     world_size: int
     samples_per_epoch: int
+    lengths: list[np.ndarray] | None
+    """Estimated length of every sample per source, when grouping by length (else None)."""
 
     def plan(self, epoch: int) -> EpochPlan:
         return EpochPlan([s.size for s in self.sources], [s.weight for s in self.sources],
-                         self.samples_per_epoch, self.config.seed, epoch)
+                         self.samples_per_epoch, self.config.seed, epoch, self.lengths,
+                         self.config.group_size)
 
 
 class _BatchStream(IterableDataset):
@@ -226,7 +294,8 @@ class _BatchStream(IterableDataset):
         if not prepared:
             return {}, []
         return collate(prepared, reader, pad_id=self.spec.pad_id,
-                       features_dtype=self.spec.config.features_dtype, alloc=alloc)
+                       features_dtype=self.spec.config.features_dtype, alloc=alloc,
+                       pack=self.spec.config.pack_sequences)
 
     def _build(self, b: int, reader: ShardReader, alloc) -> tuple[dict, dict]:
         spec = self.spec
@@ -299,8 +368,12 @@ class VideoLoader:
         self.repeats = 0
         self._bad_records: dict[str, set[str]] = {}  # source -> shard and key of each bad record
         self._plan: EpochPlan | None = None
-        self._spec = _Spec(config=self.config, sources=self.sources, tokenizer=tokenizer, pad_id=self.pad_id,
-                           rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch)
+        cfg = self.config
+        lengths = ([s.lengths(cfg.max_frames, cfg.group_tokens_per_frame) for s in self.sources]
+                   if cfg.group_by_length else None)  # before the workers fork: they inherit them
+        self._spec = _Spec(config=cfg, sources=self.sources, tokenizer=tokenizer, pad_id=self.pad_id,
+                           rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch,
+                           lengths=lengths)
         self._ring: FeatureRing | None = None
         self._pool: DataLoader | None = None
         self._buffers = BufferPool()  # copies out of the ring, or batches built in-process
@@ -378,8 +451,12 @@ class VideoLoader:
         return self._plan
 
     def _fingerprint(self) -> dict:
-        return {"seed": self.config.seed, "samples_per_epoch": self.samples_per_epoch,
-                "sources": [[s.path, s.weight, s.size] for s in self.sources]}
+        out = {"seed": self.config.seed, "samples_per_epoch": self.samples_per_epoch,
+               "sources": [[s.path, s.weight, s.size] for s in self.sources]}
+        cfg = self.config
+        if cfg.group_by_length:  # only then: states saved before grouping existed still load
+            out["length_groups"] = [cfg.group_size, cfg.group_tokens_per_frame, cfg.max_frames]
+        return out
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "offset": self.offset,
@@ -453,7 +530,8 @@ class VideoLoader:
         ring = self._ring
         for b, batch, stats, where in source:
             for k in _SMALL:
-                batch[k] = torch.from_numpy(batch[k])
+                if k in batch:  # cu_seqlens only in packed batches
+                    batch[k] = torch.from_numpy(batch[k])
             if where is not None:
                 slot, shape, dtype = where
                 ring.received.add(slot)

@@ -3,8 +3,10 @@
 Each sample's prompt holds exactly one `<video>` token; it is replaced by the sample's visual
 tokens (kept frames in temporal order, each followed by a learned frame separator), so the
 spliced sequence is longer than `input_ids`. Visual and padding positions get label -100.
-Training batches are right-padded; generation batches are left-padded so that every sample's
-new tokens follow its last prompt token. No distributed code: the trainer wraps this module.
+Training batches are right-padded, or packed: one row of the samples' tokens and `cu_seqlens`
+marking where each begins (data/collate.py), spliced into one padding-free row in which each
+sample attends only to itself (`_splice_packed`). Generation batches are left-padded so that every
+sample's new tokens follow its last prompt token. No distributed code: the trainer wraps this module.
 
 A saved model is a folder:
     llm/                      HF save_pretrained of the LLM and its tokenizer
@@ -146,21 +148,13 @@ class VideoLLM(nn.Module):
 
     def _splice(self, input_ids, attention_mask, visual, labels, *, left_pad: bool) -> _Spliced:
         embeds = self.llm.get_input_embeddings()(input_ids)  # [B, T, D]
-        vid = self.config.video_token_id
         rows, row_labels = [], []
         for b in range(input_ids.shape[0]):
             valid = attention_mask[b].bool()
-            ids, e = input_ids[b][valid], embeds[b][valid]
-            where = (ids == vid).nonzero()
-            if where.shape[0] != 1:
-                raise ValueError(f"VideoLLM: sample {b} has {where.shape[0]} "
-                                 f"{self.config.video_token!r} tokens in input_ids, expected 1")
-            p = int(where[0, 0])
-            rows.append(torch.cat([e[:p], visual[b].to(e.dtype), e[p + 1:]]))
-            if labels is not None:
-                lab = labels[b][valid]
-                fill = lab.new_full((visual[b].shape[0],), IGNORE_INDEX)
-                row_labels.append(torch.cat([lab[:p], fill, lab[p + 1:]]))
+            lab = labels[b][valid] if labels is not None else None
+            row, row_label = self._splice_sample(b, input_ids[b][valid], embeds[b][valid], lab, visual[b])
+            rows.append(row)
+            row_labels.append(row_label)
         length = max(r.shape[0] for r in rows)
         bsz, dim = len(rows), embeds.shape[-1]
         out = embeds.new_zeros(bsz, length, dim)
@@ -177,12 +171,66 @@ class VideoLLM(nn.Module):
                 lab_out[b, sl] = row_labels[b]
         return _Spliced(embeds=out, attention_mask=mask, position_ids=pos, labels=lab_out)
 
+    def _splice_sample(self, b, ids, embeds, labels, visual):
+        """One sample's embeddings (and labels) with its `<video>` token replaced by `visual`."""
+        where = (ids == self.config.video_token_id).nonzero()
+        if where.shape[0] != 1:
+            raise ValueError(f"VideoLLM: sample {b} has {where.shape[0]} "
+                             f"{self.config.video_token!r} tokens in input_ids, expected 1")
+        p = int(where[0, 0])
+        row = torch.cat([embeds[:p], visual.to(embeds.dtype), embeds[p + 1:]])
+        if labels is None:
+            return row, None
+        fill = labels.new_full((visual.shape[0],), IGNORE_INDEX)
+        return row, torch.cat([labels[:p], fill, labels[p + 1:]])
+
+    def _splice_packed(self, input_ids, cu_seqlens, visual, labels) -> _Spliced:
+        """The packed row: every sample spliced, concatenated, positions restarting at 0 per
+        sample, and each sample's first label ignored so that no token is trained to predict the
+        next sample's first (unpacked, a first token is never a target either)."""
+        bounds = cu_seqlens.tolist()
+        if input_ids.shape[0] != 1 or len(bounds) != len(visual) + 1 or bounds[-1] != input_ids.shape[1]:
+            raise ValueError(f"VideoLLM: packed input_ids {list(input_ids.shape)} with cu_seqlens "
+                             f"{bounds} for {len(visual)} videos; expected [1, cu_seqlens[-1]] and "
+                             "one boundary more than videos")
+        embeds = self.llm.get_input_embeddings()(input_ids[0])
+        rows, row_labels = [], []
+        for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            lab = labels[0, start:end] if labels is not None else None
+            row, row_label = self._splice_sample(b, input_ids[0, start:end], embeds[start:end], lab, visual[b])
+            rows.append(row)
+            if row_label is not None:
+                row_labels.append(torch.cat([row_label.new_full((1,), IGNORE_INDEX), row_label[1:]]))
+        pos = torch.cat([torch.arange(r.shape[0], device=embeds.device) for r in rows])[None]
+        return _Spliced(embeds=torch.cat(rows)[None], attention_mask=torch.ones_like(pos),
+                        position_ids=pos, labels=torch.cat(row_labels)[None] if row_labels else None)
+
+    def _packed_attention(self, s: _Spliced) -> dict:
+        """How the LLM keeps packed samples apart. flash_attention_2: its varlen kernel, given the
+        boundaries. Others (sdpa, eager): no 2-D mask, so transformers reads sample boundaries
+        from the restarting position_ids and builds the block-diagonal causal mask itself
+        (masking_utils.find_packed_sequence_indices), in the form each implementation takes."""
+        if self.llm.config._attn_implementation != "flash_attention_2":
+            return {"attention_mask": None}
+        starts = (s.position_ids[0] == 0).nonzero()[:, 0]
+        cu = torch.cat([starts, starts.new_tensor([s.position_ids.shape[1]])]).to(torch.int32)
+        longest = int(cu.diff().max())
+        return {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                "max_length_q": longest, "max_length_k": longest}
+
     # ---------------------------------------------------------------- running
-    def forward(self, input_ids, attention_mask, features, frame_mask, labels=None) -> VideoLLMOutput:
+    def forward(self, input_ids, attention_mask, features, frame_mask, labels=None,
+                cu_seqlens=None) -> VideoLLMOutput:
+        """Padded batch, or packed when `cu_seqlens` is given (input_ids [1, total])."""
         visual, comp = self._visual_embeds(features, frame_mask)
-        s = self._splice(input_ids, attention_mask, visual, labels, left_pad=False)
-        out = self.llm(inputs_embeds=s.embeds, attention_mask=s.attention_mask,
-                       position_ids=s.position_ids, labels=s.labels, use_cache=False)
+        if cu_seqlens is None:
+            s = self._splice(input_ids, attention_mask, visual, labels, left_pad=False)
+            mask = {"attention_mask": s.attention_mask}
+        else:
+            s = self._splice_packed(input_ids, cu_seqlens, visual, labels)
+            mask = self._packed_attention(s)
+        out = self.llm(inputs_embeds=s.embeds, position_ids=s.position_ids, labels=s.labels,
+                       use_cache=False, **mask)
         return VideoLLMOutput(loss=out.loss, logits=out.logits, labels=s.labels,
                               attention_mask=s.attention_mask, kept_frames=comp.kept,
                               frame_scores=comp.scores)

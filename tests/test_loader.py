@@ -449,3 +449,91 @@ def test_index_checksums_and_compressed_shards(tmp_path, tok):
     _edit_index(tmp_path, lambda ix: ix["shards"][0].update(bytes=shard.stat().st_size))
     with pytest.raises(ValueError, match=r"compressed \(gzip\)"):
         VideoLoader([tmp_path], tok, batch_size=2, num_workers=0)
+
+
+def _global_order(per_rank: list[list[dict]]) -> list[str]:
+    """Keys in epoch-position order: rank r's i-th sample of a batch sits at r + W * i."""
+    order = []
+    for batches in zip(*per_rank):
+        width = max(len(b["keys"]) for b in batches)
+        order += [b["keys"][i] for i in range(width) for b in batches if i < len(b["keys"])]
+    return order
+
+
+GROUPED = dict(group_by_length=True, group_size=8, group_tokens_per_frame=1000.0, max_frames=8)
+"""Frames dominate the length estimate (1000 tokens each against ~60 of metadata), so each group
+of 8 positions must come out sorted by frame count, which every key encodes (2 + i % 5)."""
+
+
+def test_length_grouping_sorts_each_group_and_keeps_every_sample_once(dataset, tok):
+    path, keys = dataset
+    loader = VideoLoader([path], tok, batch_size=4, seed=6, **GROUPED)
+    epochs = [_keys(_run(loader)) for _ in range(2)]
+    plain = VideoLoader([path], tok, batch_size=4, seed=6, max_frames=8)
+    for epoch, seen in enumerate(epochs):
+        assert sorted(seen) == sorted(keys)
+        frames = [2 + int(k[1:]) % 5 for k in seen]
+        for first in range(0, len(seen), 8):
+            assert frames[first: first + 8] == sorted(frames[first: first + 8])
+        # The groups hold the same samples as the ungrouped order's groups: only reordered within.
+        plain.set_epoch(epoch)
+        ungrouped = _keys(_run(plain))
+        for first in range(0, len(seen), 8):
+            assert sorted(seen[first: first + 8]) == sorted(ungrouped[first: first + 8])
+    assert epochs[0] != epochs[1]
+
+
+def test_length_grouping_order_is_the_same_at_every_world_size(dataset, tok):
+    path, keys = dataset
+    orders = []
+    for world, batch, workers in ((1, 5, 0), (2, 3, 2), (3, 2, 1)):
+        per_rank = []
+        for rank in range(world):
+            loader = VideoLoader([path], tok, rank=rank, world_size=world, batch_size=batch, seed=8,
+                                 num_workers=workers, **GROUPED)
+            loader.set_epoch(1)
+            per_rank.append(_run(loader))
+        orders.append(_global_order(per_rank))
+    assert orders[0] == orders[1] == orders[2] and sorted(orders[0]) == sorted(keys)
+
+
+def test_length_grouping_resume_is_sample_exact(dataset, tok):
+    path, keys = dataset
+    opts = dict(batch_size=2, seed=3, world_size=2, rank=0, num_workers=2, **GROUPED)
+    full = VideoLoader([path], tok, **opts)
+    reference = _run(full) + _run(full, 2)
+    first = VideoLoader([path], tok, **opts)
+    head = _run(first, 3)
+    resumed = VideoLoader([path], tok, **opts)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    _assert_same_batches(head + _run(resumed) + _run(resumed, 2), reference)
+    # At another world size: the two old ranks' states, nothing skipped or repeated.
+    old = [VideoLoader([path], tok, **{**opts, "rank": r}) for r in (0, 1)]
+    before = [_run(o, 2) for o in old]
+    new = [VideoLoader([path], tok, **{**opts, "rank": r, "world_size": 3, "batch_size": 3}) for r in range(3)]
+    for n in new:
+        n.load_state_dict([o.state_dict() for o in old])
+    used = [k for b in before for k in _keys(b)] + [k for n in new for k in _keys(_run(n))]
+    assert sorted(used) == sorted(keys)
+    # A state saved without grouping would continue a different order: refused.
+    with pytest.raises(ValueError, match="length_groups"):
+        VideoLoader([path], tok, **opts).load_state_dict(
+            VideoLoader([path], tok, batch_size=2, seed=3, world_size=2, max_frames=8).state_dict())
+
+
+def test_packed_batches_hold_the_padded_batches_samples(dataset, tok):
+    path, _ = dataset
+    opts = dict(batch_size=3, seed=2, max_frames=4, num_workers=2)
+    padded = _run(VideoLoader([path], tok, **opts))
+    packed = _run(VideoLoader([path], tok, pack_sequences=True, **opts))
+    assert len(packed) == len(padded)
+    for p, q in zip(packed, padded):
+        assert p["keys"] == q["keys"] and p["input_ids"].shape[0] == 1
+        lengths = q["attention_mask"].sum(1)
+        assert p["cu_seqlens"].tolist() == [0] + torch.cumsum(lengths, 0).tolist()
+        valid = q["attention_mask"].bool()
+        assert torch.equal(p["input_ids"][0], q["input_ids"][valid])
+        assert torch.equal(p["labels"][0], q["labels"][valid])
+        assert bool(p["attention_mask"].all())
+        for name in ("features", "frame_mask", "timestamps"):
+            assert torch.equal(p[name], q[name]), name
