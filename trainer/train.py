@@ -105,6 +105,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     out = {k: batch[k].to(device, non_blocking=True)
            for k in ("input_ids", "attention_mask", "labels", "frame_mask")}
     out["features"] = batch["features"].to(device, dtype=dtype, non_blocking=True)
+    if "cu_seqlens" in batch:  # a packed batch (data.pack_sequences): one row, sample boundaries
+        out["cu_seqlens"] = batch["cu_seqlens"].to(device, non_blocking=True)
     return out
 
 
@@ -141,7 +143,7 @@ def train_step(engine, batches: Iterator[dict], accum: int, info: DistInfo, dtyp
         out = engine(**inputs)
         engine.backward(out.loss)
         engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-        batch_size = inputs["input_ids"].shape[0]
+        batch_size = inputs["frame_mask"].shape[0]  # samples, also when packed into one row
         spliced = out.attention_mask.sum()
         # Each sample's one <video> token is replaced by its visual tokens.
         visual = spliced - inputs["attention_mask"].sum() + batch_size
