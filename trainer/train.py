@@ -72,7 +72,7 @@ def build_model(cfg: RunConfig):
     """
     from model.video_llm import VideoLLM, pretrained_folder
 
-    from trainer.lora import apply_lora
+    from trainer.lora import ADAPTER_DIR, apply_lora
 
     if cfg.init_from is None:
         return apply_lora(VideoLLM.build(cfg.model), cfg.lora)
@@ -85,6 +85,9 @@ def build_model(cfg: RunConfig):
     for name in ("llm", "compressor.safetensors", "projector.safetensors"):
         if not (folder / name).exists():
             raise ConfigError(f"init_from: {folder / name} is missing; expected a `mambamia export` folder")
+    if (folder / ADAPTER_DIR).exists():  # llm/ there is the base the adapters were trained on
+        raise ConfigError(f"init_from: {folder} keeps its LoRA adapters unmerged in {ADAPTER_DIR}/; "
+                          "export the run without --keep-adapters to start a stage from it")
     model = VideoLLM.build(dataclasses.replace(cfg.model, llm_path=str(folder / "llm")))
     try:
         model.load_modules(folder)
