@@ -116,6 +116,14 @@ def test_lora_config_errors_name_the_key(tiny_root, monkeypatch):
         load_config(STAGE1, [*LORA, "lora.dropout=1.0"])
     with pytest.raises(ConfigError, match="lora.target_modules"):
         build_model(load_config(STAGE1, [*LORA, "lora.target_modules=[no_such_layer]"]))
+    # An export that kept its adapters beside the base cannot start a stage: they would be lost.
+    kept = tiny_root / "exports" / "kept"
+    for name in ("llm", "lora"):
+        (kept / name).mkdir(parents=True, exist_ok=True)
+    for name in ("compressor.safetensors", "projector.safetensors"):
+        (kept / name).touch()
+    with pytest.raises(ConfigError, match="init_from: .*--keep-adapters"):
+        build_model(load_config(STAGE1, [f"init_from={kept}"]))
 
 
 # ------------------------------------------------------------------------------------------------
