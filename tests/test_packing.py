@@ -95,3 +95,24 @@ def test_packed_input_errors_are_one_line(model):
         with pytest.raises(ValueError, match="cu_seqlens") as err:
             model(**{**packed, "cu_seqlens": bad}, features=features, frame_mask=frame_mask)
         assert "\n" not in str(err.value)
+
+
+def test_training_packed_follows_the_padded_run_step_for_step(tiny_assets, tmp_path):
+    """`mambamia train` end to end (loader, trainer, DeepSpeed): with data.pack_sequences the
+    same batches give the same losses step after step, grouping by length on in both runs."""
+    from pathlib import Path
+
+    from tests.ckpt_worker import launch
+    from tests.test_train import _rows, _train_in_run_dir, make_tiny_root
+
+    root = make_tiny_root(tmp_path / "tiny", Path(tiny_assets["llm"]), train=8, val=2)
+    common = ["logging.tensorboard=false", "schedule.total_steps=3", "checkpoint.every_steps=0",
+              "validation.every_steps=0", "data.group_by_length=true", "data.group_size=4"]
+    losses = {}
+    for pack in ("false", "true"):
+        run = tmp_path / f"pack_{pack}"
+        assert launch(run, 1, *common, f"data.pack_sequences={pack}", target=_train_in_run_dir,
+                      env={"MAMBAMIA_TINY": str(root)}) == [0], next(run.glob("rank0.*.out")).read_text()[-3000:]
+        losses[pack] = [row["loss"] for row in _rows(run) if "loss" in row]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
