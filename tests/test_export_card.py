@@ -39,7 +39,8 @@ def test_card_states_the_config_it_came_from(tiny_env):
     text = (tiny_env / CARD).read_text()
     data = _front_matter(tiny_env / CARD)
     mm = data["mambamia"]
-    assert data["base_model"] == cfg.model.llm_path and f"`{cfg.model.llm_path}`" in text
+    assert mm["base_llm"] == cfg.model.llm_path and f"`{cfg.model.llm_path}`" in text
+    assert "base_model" not in data  # a local folder is no hub id; the hub would refuse the card
     assert mm["compressor"] == dataclasses.asdict(cfg.model.compressor)
     assert mm["vision_tower"] == FEATURES and FEATURES["encoder"] in text
     assert mm["visual_tokens"] == {"frames": cfg.data.max_frames, "tokens": _real_token_count(cfg, 16)}
@@ -59,13 +60,13 @@ def test_next_stage_card_carries_base_model_and_earlier_stages(tiny_env):
     stage2 = load_config(CONFIGS / "stage2.yaml")
     assert stage2.init_from == str(export1)
     data = card_data(stage2, 5, FEATURES, "v2")
-    assert data["base_model"] == stage1.model.llm_path  # not the stage-1 export's llm/ copy
+    assert data["mambamia"]["base_llm"] == stage1.model.llm_path  # not the stage-1 export's llm/ copy
     assert [s["stage"] for s in data["mambamia"]["stages"]] == [stage1.stage, stage2.stage]
     assert data["mambamia"]["stages"][1]["trainable"] == ["compressor", "projector", "llm"]
     # An init_from folder without a card: named, its history unknown, never silently dropped.
     (export1 / CARD).unlink()
     unknown = card_data(stage2, 5, None, "v2")
-    assert unknown["base_model"] == str(export1) and "unknown" in unknown["mambamia"]["stages"][0]["stage"]
+    assert unknown["mambamia"]["base_llm"] == str(export1) and "unknown" in unknown["mambamia"]["stages"][0]["stage"]
     assert "unknown (the training shards were gone" in write_card(tiny_env, unknown).read_text()
 
 
@@ -84,3 +85,9 @@ def test_eval_results_are_added_and_replaced_by_name(tiny_env, capsys):
     report.write_text("{}")
     assert card_main([str(tiny_env), str(report)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_hub_id_base_is_the_hub_base_model(tiny_env):
+    cfg = load_config(CONFIGS / "stage1.yaml", ["model.llm_path=Qwen/Qwen2-7B-Instruct"])
+    data = card_data(cfg, 8, FEATURES, "v1")
+    assert data["base_model"] == "Qwen/Qwen2-7B-Instruct" == data["mambamia"]["base_llm"]

@@ -183,7 +183,7 @@ def test_export_loads_without_deepspeed_and_gives_trained_logits(tiny_root, orac
     from trainer.model_card import CARD, _front_matter
 
     card = _front_matter(oracle_export / CARD)
-    assert card["base_model"] == load_config(oracle_run / "config.yaml").model.llm_path
+    assert card["mambamia"]["base_llm"] == load_config(oracle_run / "config.yaml").model.llm_path
     assert [s["steps"] for s in card["mambamia"]["stages"]] == [STEPS]
     dumped = torch.load(tiny_root / "logits.pt", weights_only=False)
     torch.testing.assert_close(_logits_of(oracle_export, dumped), dumped["logits"], atol=1e-6, rtol=0)

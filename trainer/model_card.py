@@ -3,7 +3,7 @@
     python -m trainer.model_card EXPORT_DIR REPORT.json [--name NAME]   # add a `mambamia eval` result
 
 The card's YAML front matter holds everything the card says in machine-readable form (hub keys
-`base_model`, `library_name`, `pipeline_tag`, `tags`, plus `mambamia:` with the vision tower, the
+`base_model` (when the base LLM is a hub id), `library_name`, `pipeline_tag`, `tags`, plus `mambamia:` with the vision tower, the
 compressor, the token budget, every stage that led to these weights and the evaluation results);
 the Markdown below it is rendered from that data alone. A later stage's export reads its
 `init_from` card to carry the original base LLM and the earlier stages forward, and adding an
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,18 @@ def card_data(cfg, step: int, features: dict | None, code_version: str, *,
     """The front matter of the card of an export of `cfg`'s run at `step`; `adapters`: the folder
     holding unmerged LoRA adapters (`mambamia export --keep-adapters`)."""
     previous = _front_matter(Path(cfg.init_from) / CARD) if cfg.init_from else None
-    base = (previous or {}).get("base_model") or (cfg.init_from or cfg.model.llm_path)
+    base = (previous or {}).get("mambamia", {}).get("base_llm") or (cfg.init_from or cfg.model.llm_path)
     earlier = (previous or {}).get("mambamia", {}).get("stages") or []
     if cfg.init_from and previous is None:  # an export without a card: name it, stages unknown
         earlier = [{"stage": f"unknown (init_from {cfg.init_from} has no card)"}]
     comp = dataclasses.asdict(cfg.model.compressor)
+    # The hub validates `base_model` as a model id: a local folder is named only under mambamia.
+    hub = {"base_model": base} if _is_hub_id(base) else {}
     return {
-        "library_name": "mambamia", "base_model": base, "pipeline_tag": "video-text-to-text",
+        "library_name": "mambamia", **hub, "pipeline_tag": "video-text-to-text",
         "tags": ["mambamia", "video-llm", "long-video", "mamba2"],
         "mambamia": {
+            "base_llm": base,
             "vision_tower": features, "projector": cfg.model.projector,
             "frame_separator": cfg.model.frame_separator, "compressor": comp,
             "visual_tokens": {"frames": cfg.data.max_frames, "tokens": visual_tokens(cfg, features)},
@@ -83,6 +87,12 @@ def card_data(cfg, step: int, features: dict | None, code_version: str, *,
             "eval": [],  # the previous stage's results describe other weights
         },
     }
+
+
+def _is_hub_id(name: str) -> bool:
+    """`owner/name` as the hub spells repo ids, and not a folder on this machine."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
+            and not Path(name).exists())
 
 
 def render(data: dict[str, Any]) -> str:
@@ -97,7 +107,7 @@ def render(data: dict[str, Any]) -> str:
              "into a causal LLM. Load it with `mambamia ask`, `mambamia eval`, or "
              "`VideoLLM.from_pretrained` (model/video_llm.py).", "",
              "## Model", "", "| part | value |", "|---|---|",
-             f"| base LLM | `{data['base_model']}` |",
+             f"| base LLM | `{mm['base_llm']}` |",
              f"| vision tower | {_tower(tower)} |",
              f"| compressor | {comp['kind']}: hidden {comp['hidden_size']}, {comp['num_layers']} layer(s), "
              f"k {comp['k']}, {comp['keyframes']} keyframes by {comp['frame_selection']} |",
