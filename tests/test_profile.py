@@ -93,7 +93,7 @@ def test_profiled_tiny_run_writes_a_chrome_trace_and_reports_mfu(tiny_assets, tm
     run = tmp_path / "run"
     overrides = ["schedule.total_steps=3", "checkpoint.every_steps=0", "validation.every_steps=0",
                  "logging.tensorboard=false", "profiling.steps=[2,3]", "logging.peak_tflops=0.5",
-                 "checkpoint.async=true"]
+                 "checkpoint.async=true", "profiling.wall_clock_breakdown=true"]
     assert launch(run, 1, *overrides, target=_train_in_run_dir, env={"MAMBAMIA_TINY": str(root)}) == [0]
     traces = sorted((run / "profile").glob("*.pt.trace.json"))
     assert len(traces) == 1 and "_rank0." in traces[0].name
