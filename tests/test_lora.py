@@ -3,9 +3,10 @@
 In-process: the tiny stage-2 model with adapters; only adapters, compressor and projector train;
 merged weights give the unmerged model's logits; adapters kept beside the base load through peft.
 Two gloo ranks under ZeRO-3 (one uninterrupted run, one resumed from a copy of its step-2
-checkpoint): resumed losses equal the uninterrupted ones; the checkpoint's frozen base equals the
-LLM files it was loaded from, bit for bit; the optimizer partitions hold only what trains; the
-merged export gives the logits the trained (unmerged) engine gave.
+checkpoint): resumed losses equal the uninterrupted ones; the trained engine's frozen base equals
+the LLM files it was loaded from, bit for bit; no rank's checkpoint files hold a frozen weight and
+the optimizer partitions hold only what trains; the merged export gives the logits the trained
+(unmerged) engine gave.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def _have_wandb() -> bool:
 def test_zero3_lora_resumes_exactly_keeps_base_and_exports_merged(tiny_root, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from tests.test_resume import LOGITS_ENV, _copy_checkpoint, _logits_of, _losses, _train
+    from tests.test_resume import FROZEN_ENV, LOGITS_ENV, _copy_checkpoint, _logits_of, _losses, _train
     from tests.ckpt_worker import launch
     from trainer.checkpoint import weights_only_loads
     from trainer.export import consolidated_state_dict, main as export_main
@@ -153,8 +154,9 @@ def test_zero3_lora_resumes_exactly_keeps_base_and_exports_merged(tiny_root, tmp
     wandb = ["logging.wandb.enabled=true", "logging.wandb.project=ci"] if _have_wandb() else []
     env = {"MAMBAMIA_TINY": str(tiny_root), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     full, resumed = tiny_root / "runs" / "lora_full", tiny_root / "runs" / "lora_resumed"
-    dumped_at = tiny_root / "lora_logits.pt"
-    assert launch(full, 2, *ZERO3, *wandb, target=_train, env={**env, LOGITS_ENV: str(dumped_at)}) == [0, 0]
+    dumped_at, frozen_at = tiny_root / "lora_logits.pt", tiny_root / "lora_frozen.pt"
+    dumps = {LOGITS_ENV: str(dumped_at), FROZEN_ENV: str(frozen_at)}
+    assert launch(full, 2, *ZERO3, *wandb, target=_train, env={**env, **dumps}) == [0, 0]
     expected = _losses(full)
     assert sorted(expected) == list(range(1, STEPS + 1))
     # A resume of a copy of the step-2 checkpoint, two ranks again: the same losses from step 3.
@@ -172,12 +174,10 @@ def test_zero3_lora_resumes_exactly_keeps_base_and_exports_merged(tiny_root, tmp
 
     folder = full / "checkpoints" / str(STEPS)
     state = consolidated_state_dict(folder)
-    # The frozen base LLM is bit for bit the LLM files it was loaded from.
-    base = _base_weights(tiny_root / "llm")
-    as_hf = {k.removeprefix("llm.base_model.model.").replace(".base_layer", ""): k
-             for k in state if k.startswith("llm.") and ".lora_" not in k}
-    assert set(base) <= set(as_hf)
-    assert all(torch.equal(state[as_hf[k]], base[k]) for k in base)
+    # The frozen base LLM, as the trained engine holds it, is bit for bit the files it was loaded from.
+    base = _assert_base_unchanged(torch.load(frozen_at), tiny_root / "llm")
+    # Checkpoints hold what trains: no frozen weight in any rank's files.
+    _assert_no_frozen_saved(folder, set(torch.load(frozen_at)))
     # The optimizer partitions hold what trains and nothing else; the adapters did train.
     with weights_only_loads():
         trained = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name,
@@ -198,23 +198,42 @@ def test_zero3_lora_resumes_exactly_keeps_base_and_exports_merged(tiny_root, tmp
     assert "LoRA r=4" in (merged / "README.md").read_text()
 
 
+def _assert_base_unchanged(frozen: dict[str, torch.Tensor], llm_dir: Path) -> dict[str, torch.Tensor]:
+    base = _base_weights(llm_dir)
+    as_hf = {k.removeprefix("llm.base_model.model.").replace(".base_layer", ""): k
+             for k in frozen if k.startswith("llm.")}
+    assert set(base) <= set(as_hf)
+    assert all(torch.equal(frozen[as_hf[k]], base[k]) for k in base)
+    return base
+
+
+def _assert_no_frozen_saved(folder: Path, frozen: set[str]) -> None:
+    from trainer.checkpoint import safe_load
+
+    files = sorted(folder.glob("*model_states.pt"))
+    assert files
+    for path in files:
+        saved = safe_load(path)
+        assert not set(saved["module"]) & frozen, path
+        assert not saved.get("frozen_param_fragments"), path
+
+
 @pytest.mark.slow
 def test_zero2_lora_with_recomputation_keeps_base_and_exports_merged(tiny_root, tmp_path):
     """One rank, ZeRO-2, the LLM's activation checkpointing on (as tiny stage 2 has it)."""
-    from tests.test_resume import LOGITS_ENV, _logits_of, _train
+    from tests.test_resume import FROZEN_ENV, LOGITS_ENV, _logits_of, _train
     from tests.ckpt_worker import launch
     from trainer.export import consolidated_state_dict, main as export_main
 
     run, dumped_at = tiny_root / "runs" / "lora_zero2", tiny_root / "lora_zero2_logits.pt"
+    frozen_at = tiny_root / "lora_zero2_frozen.pt"
     overrides = ["schedule.total_steps=2", "validation.every_steps=0", "logging.tensorboard=false",
                  "parallel.zero_stage=2", "model.gradient_checkpointing=true", *LORA]
-    env = {"MAMBAMIA_TINY": str(tiny_root), LOGITS_ENV: str(dumped_at)}
+    env = {"MAMBAMIA_TINY": str(tiny_root), LOGITS_ENV: str(dumped_at), FROZEN_ENV: str(frozen_at)}
     assert launch(run, 1, *overrides, target=_train, env=env) == [0]
     state = consolidated_state_dict(run / "checkpoints" / "2")
-    base = _base_weights(tiny_root / "llm")
-    as_hf = {k.removeprefix("llm.base_model.model.").replace(".base_layer", ""): k
-             for k in state if k.startswith("llm.") and ".lora_" not in k}
-    assert set(base) <= set(as_hf) and all(torch.equal(state[as_hf[k]], base[k]) for k in base)
+    _assert_base_unchanged(torch.load(frozen_at), tiny_root / "llm")
+    _assert_no_frozen_saved(run / "checkpoints" / "2", set(torch.load(frozen_at)))
     assert all(state[k].abs().max() > 0 for k in state if ".lora_B." in k)
     assert export_main([str(run), str(tmp_path / "merged")]) == 0
     dumped = torch.load(dumped_at, weights_only=False)

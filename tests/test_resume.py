@@ -32,6 +32,7 @@ COMMON = [f"schedule.total_steps={STEPS}", "checkpoint.every_steps=2", "checkpoi
 SIGNAL_ENV = "TEST_SIGNAL_AFTER_STEP"
 LOGITS_ENV = "TEST_DUMP_LOGITS"
 CONFIG_ENV = "TEST_CONFIG"
+FROZEN_ENV = "TEST_DUMP_FROZEN"
 STAGE2 = str(REPO_ROOT / "configs" / "tiny" / "stage2.yaml")
 STAGE2_ZERO3 = ["schedule.total_steps=2", "checkpoint.every_steps=2", "validation.every_steps=0",
                 "logging.tensorboard=false", "parallel.zero_stage=3"]
@@ -82,6 +83,14 @@ def _train(argv: list[str]) -> int:
             logits = module(**batch).logits
         if dist.get_rank() == 0:
             torch.save({"batch": batch, "logits": logits}, os.environ[LOGITS_ENV])
+    if os.environ.get(FROZEN_ENV):  # the frozen weights as the trained engine holds them
+        import deepspeed
+
+        frozen = [(n, p) for n, p in captured["engine"].module.named_parameters() if not p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in frozen]):  # no-op below ZeRO-3
+            weights = {n: p.detach().clone() for n, p in frozen}
+        if dist.get_rank() == 0:
+            torch.save(weights, os.environ[FROZEN_ENV])
     return rc
 
 

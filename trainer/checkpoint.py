@@ -232,13 +232,16 @@ class Checkpointer:
     """Save / find / load DeepSpeed checkpoints of one run folder (see the module docstring)."""
 
     def __init__(self, run_dir: str | os.PathLike, *, keep_last: int = 3, crc32: bool = False,
-                 async_save: bool = False):
+                 async_save: bool = False, exclude_frozen: bool = False):
         """`crc32`: let torch.save checksum every record. Off by default: it halves the save speed
         (measured by bench/bench_checkpoint.py) and guards only against storage corruption, not
         against the interrupted writes the marker protocol handles.
 
         `async_save`: `save` returns after a host-memory snapshot and the files are written in the
-        background (see `save`, `wait`); costs host memory for one copy of each rank's state."""
+        background (see `save`, `wait`); costs host memory for one copy of each rank's state.
+
+        `exclude_frozen`: leave frozen parameters out of the files (a LoRA run's base LLM: they
+        never change and the model build reloads them); loads then accept their absence."""
         if keep_last < 1:
             raise ValueError(f"checkpoint keep_last: expected an integer >= 1, got {keep_last}")
         self.root = Path(run_dir) / "checkpoints"
@@ -247,6 +250,7 @@ class Checkpointer:
         self.async_save = async_save
         self._pending: BackgroundWrite | None = None
         self._host_buffers = HostBuffers()
+        self.exclude_frozen = exclude_frozen
 
     def complete_steps(self) -> list[int]:
         """Steps whose folder holds the completion marker, oldest first."""
@@ -374,7 +378,8 @@ class Checkpointer:
         crc32 = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(self.crc32)
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False,
+                                   exclude_frozen_parameters=self.exclude_frozen)
         finally:
             torch.serialization.set_crc32_options(crc32)
         # save_checkpoint ends with a barrier: from here every rank's files are closed.
@@ -409,7 +414,8 @@ class Checkpointer:
         own = engine.checkpoint_engine
         engine.checkpoint_engine = snapshots
         try:
-            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=state, save_latest=False,
+                                   exclude_frozen_parameters=self.exclude_frozen)
         finally:
             engine.checkpoint_engine = own
         # save_checkpoint ends with a barrier: every rank holds its snapshot, training may go on.
@@ -521,7 +527,8 @@ class Checkpointer:
         try:
             with weights_only_loads():
                 if saved == now:
-                    load_path, client = engine.load_checkpoint(str(self.root), tag=str(step))
+                    load_path, client = engine.load_checkpoint(str(self.root), tag=str(step),
+                                                               load_module_strict=not self.exclude_frozen)
                 else:
                     log.warning("checkpoint %d was written by %d ranks under ZeRO-%d, this run has %d "
                                 "under ZeRO-%d: loading it through DeepSpeed's universal checkpoint "
@@ -547,7 +554,7 @@ class Checkpointer:
         previous = config.load_universal_checkpoint
         config.load_universal_checkpoint = True
         try:
-            return engine.load_checkpoint(str(self.root), tag=tag)
+            return engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=not self.exclude_frozen)
         finally:
             config.load_universal_checkpoint = previous
 

@@ -28,6 +28,7 @@ from trainer import errors
 from trainer.config import ConfigError
 from trainer.lora import ADAPTER_DIR, has_adapters, merge_adapters, split_adapters
 from trainer.model_card import card_data, write_card
+from trainer.rng import seed_everything
 from trainer.checkpoint import (RANK0_MODEL_STATES, Checkpointer, CheckpointError, safe_load,
                                 weights_only_loads)
 
@@ -85,11 +86,14 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
         raise CheckpointError(f"{ckpt.root}: no checkpoint to export")
     folder = ckpt.root / str(step)
     cfg = _run_config(folder, run_dir)
+    seed_everything(cfg.seed)  # as training built it: frozen weights a LoRA checkpoint omits come from here
     model = build_model(cfg)
     from trainer.pipeline import is_pipeline_checkpoint, pipeline_state_dict
 
     state = (pipeline_state_dict(folder, model) if is_pipeline_checkpoint(folder)
              else consolidated_state_dict(folder))
+    if cfg.lora.enabled:  # its checkpoints leave the frozen weights out (Checkpointer.exclude_frozen)
+        state = {**frozen_state(model, cfg), **state}
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -107,6 +111,16 @@ def export(run_dir: str | Path, out_dir: str | Path, *, step: int | None = None,
     write_card(out_dir, card_data(cfg, step, features, ckpt.info(step).get("code_version") or "unknown",
                                   adapters=ADAPTER_DIR if adapters is not None else None))
     return out_dir
+
+
+def frozen_state(model, cfg) -> dict[str, torch.Tensor]:
+    """The weights of `model` (as built from `cfg`) that training froze."""
+    from trainer.engine import freeze
+    from trainer.lora import freeze_base_llm
+
+    freeze(model, cfg.trainable)
+    freeze_base_llm(model)
+    return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if not v.requires_grad}
 
 
 def _take_adapters(model, out_dir: Path, keep: bool) -> Path | None:

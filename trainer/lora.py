@@ -9,7 +9,8 @@ calls `apply_lora`, so checkpoints and the export's model agree on names.
     build_model -> apply_lora -> engine.freeze -> freeze_base_llm -> optimizer over what trains
 
 Only the adapters (and the other trainable groups) have requires_grad, so the client optimizer
-and every ZeRO stage hold state for them alone; the base weights never change.
+and every ZeRO stage hold state for them alone; the base weights never change, so checkpoints
+leave them out (Checkpointer.exclude_frozen) and a resume or export rebuilds them with the model.
 """
 from __future__ import annotations
 

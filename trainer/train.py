@@ -313,7 +313,9 @@ def run(cfg: RunConfig) -> int:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     info.check_shared_folder(run_dir)  # every host must see the checkpoints the others write
-    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    # A LoRA run's checkpoints hold what trains; the frozen base is reloaded by build_model.
+    ckpt = Checkpointer(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+                        exclude_frozen=cfg.lora.enabled)
     # Decided before anything is built, so that a refused config change costs nothing and
     # config.yaml only ever records values in effect.
     point = ckpt.resume_point()
