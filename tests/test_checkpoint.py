@@ -52,14 +52,14 @@ class FakeEngine:
     def zero_optimization_stage(self):
         return self.zero_stage
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         assert save_latest is False  # `latest` is the Checkpointer's, written after the marker
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         self.checkpoint_engine.create(tag)
         self.checkpoint_engine.save(client_state, os.path.join(save_dir, tag, "state.pt"))
         self.checkpoint_engine.commit(tag)
 
-    def load_checkpoint(self, load_dir, tag):
+    def load_checkpoint(self, load_dir, tag, load_module_strict=True):
         self.loaded.append(tag)
         return load_dir, torch.load(os.path.join(load_dir, tag, "state.pt"), weights_only=False)
 

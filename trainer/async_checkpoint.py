@@ -174,13 +174,18 @@ class BackgroundWrite:
                 _note(self.folder / f".rank{self.rank}{FAILED_SUFFIX}", self.error)
 
     def _write_own_files(self) -> None:
-        # The flag is read when torch.save opens its archive writer; nothing else saves meanwhile.
+        # The flag is global and read when torch.save opens its archive writer; the training
+        # thread does not save meanwhile (a save waits for this write).
+        previous = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(self._crc32)
-        for i, (state, path) in enumerate(self._files):
-            torch.save(state, path)
-            _fsync_path(Path(path))
-            if self._crash and i == 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            for i, (state, path) in enumerate(self._files):
+                torch.save(state, path)
+                _fsync_path(Path(path))
+                if self._crash and i == 0:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            torch.serialization.set_crc32_options(previous)
         self._files = []  # the snapshot's memory goes back before the wait for other ranks
         if self._publish is None:
             _note(self.folder / f".rank{self.rank}{DONE_SUFFIX}", "")
