@@ -290,7 +290,8 @@ def extract_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mambamia extract", epilog=EXTRACT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Decode every video under VIDEO_DIR (or those in --list), encode the sampled frames "
-                    "with a local vision encoder and write feature shards (records without annotations).")
+                    "with a vision encoder (a local folder or a hub id) and write feature shards (records "
+                    "without annotations).")
     parser.add_argument("videos", nargs="?", metavar="VIDEO_DIR", help="folder of videos (searched recursively)")
     parser.add_argument("--list", metavar="FILE", help="text file of video paths relative to VIDEO_DIR, one per line")
     _common_args(parser)

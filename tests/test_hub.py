@@ -59,6 +59,11 @@ def hub(tiny_assets, tmp_path_factory):
     model = VideoLLM.build(VideoLLMConfig(llm_path=str(tiny_assets["llm"]), compressor=CompressorConfig(
         input_dim=32, hidden_size=32, num_layers=1, k=4, taa_layers=1, keyframes=2, d_state=16,
         headdim=16, ssd_chunk_size=32, gpa_dropout=0.0)))
+    # the random tiny LLM answers only whitespace: silence it so that `ask` answers hold text
+    tok = model.tokenizer
+    blank = [i for i in range(len(tok)) if not tok.decode([i]).strip() and i != tok.eos_token_id]
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight[blank] = 0
     model.save_pretrained(root / "export")
     hf_home = root / "hf_home"
     for repo_id, folder in ((LLM_ID, tiny_assets["llm"]), (VISION_ID, tiny_assets["vision"]),
@@ -154,3 +159,51 @@ def _free_port() -> int:
     from trainer.dist import free_port
 
     return free_port()
+
+
+ASK_AND_EXTRACT = """
+import contextlib, io, json, sys
+from data.dataset import iter_records, open_dataset
+from trainer.cli import main
+
+video_dir, vision_local, export_local, out = sys.argv[1:5]
+video = video_dir + "/clip.mp4"
+answers = []
+for export, vision in (("%(export)s", "%(vision)s"), (export_local, vision_local)):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["ask", export, video, "What colour is the square?", "--encoder", vision,
+                     "--frames", "6", "--fps", "2", "--max-new-tokens", "3"])
+    answers.append((code, buf.getvalue()))
+features, encoders = [], []
+for name, vision in (("by_id", "%(vision)s"), ("local", vision_local)):
+    assert main(["extract", video_dir, "--encoder", vision, "--fps", "2", "--max-frames", "6",
+                 "--out", out + "/" + name, "--merge"]) == 0
+    records = list(iter_records(open_dataset(out + "/" + name)))
+    features.append([(r.key, r.features.tolist()) for r in records])
+    encoders.append(records[0].meta.get("encoder"))
+print(json.dumps({"answers": answers, "features_equal": features[0] == features[1], "records": len(features[0]),
+                  "encoders": encoders}))
+""" % {"vision": VISION_ID, "export": EXPORT_ID}
+
+
+def test_ask_and_extract_take_hub_ids_offline(hub, tiny_assets, tmp_path):
+    import numpy as np
+
+    from data.synthetic import write_video
+
+    rng = np.random.default_rng(0)
+    frames = np.clip(rng.normal(60, 10, (16, 32, 32, 3)), 0, 255).astype(np.uint8)
+    frames[6:10, 8:24, 8:24] = (230, 30, 30)
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "clip.mp4", frames, 4.0)
+    proc = subprocess.run([sys.executable, "-c", ASK_AND_EXTRACT, str(tmp_path / "videos"), str(tiny_assets["vision"]),
+                           str(hub["export"]), str(tmp_path / "shards")], env=offline_env(hub["hf_home"]),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    (id_code, id_answer), (local_code, local_answer) = out["answers"]
+    assert id_code == local_code == 0 and id_answer == local_answer and id_answer.strip(), out["answers"]
+    assert out["records"] == 1 and out["features_equal"]
+    # the encoder recorded in the shards is the id's last part, as a folder's name is recorded
+    assert out["encoders"] == ["tiny-siglip", Path(tiny_assets["vision"]).name]
