@@ -238,3 +238,18 @@ def test_zero2_lora_with_recomputation_keeps_base_and_exports_merged(tiny_root, 
     assert export_main([str(run), str(tmp_path / "merged")]) == 0
     dumped = torch.load(dumped_at, weights_only=False)
     torch.testing.assert_close(_logits_of(tmp_path / "merged", dumped), dumped["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_resume_refuses_a_changed_lora_setup_and_follows_wandb_changes(tiny_root, monkeypatch):
+    import dataclasses
+
+    from trainer.config import ConfigError, resume_changes
+
+    monkeypatch.setenv("MAMBAMIA_TINY", str(tiny_root))
+    saved = dataclasses.asdict(load_config(STAGE1, LORA))
+    with pytest.raises(ConfigError, match=r"lora.rank 4 -> 8 \(the checkpoint holds the adapters"):
+        resume_changes(saved, load_config(STAGE1, [*LORA, "lora.rank=8"]))
+    with pytest.raises(ConfigError, match=r"lora.enabled True -> False"):
+        resume_changes(saved, load_config(STAGE1, [*LORA, "lora.enabled=false"]))
+    follows = resume_changes(saved, load_config(STAGE1, [*LORA, "logging.wandb.enabled=true"]))
+    assert follows == ["logging.wandb.enabled False -> True"]
