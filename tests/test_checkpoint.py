@@ -181,6 +181,25 @@ def test_async_save_writes_the_state_of_the_save_call_in_the_background(tmp_path
     assert ckpt.info(3)["async"] is True and ckpt.verify(3)["step"] == 3
 
 
+def test_snapshot_shares_no_memory_with_the_live_state():
+    from collections import OrderedDict, namedtuple
+
+    from trainer.async_checkpoint import HostBuffers, snapshot
+
+    Pair = namedtuple("Pair", "a b")
+    flat = torch.nn.Parameter(torch.arange(6.0))
+    live = OrderedDict(view=flat[2:4], param=flat, pair=Pair(torch.ones(2), 3), opts={"lr": [0.1]})
+    live._metadata = {"": {"version": 1}}
+    copied = snapshot(live, HostBuffers())
+    with torch.no_grad():
+        flat.add_(100)  # the optimizer steps on after the snapshot
+    live["opts"]["lr"][0] = 0.2
+    assert torch.equal(copied["view"], torch.tensor([2.0, 3.0])) and copied["view"].numel() == 2
+    assert torch.equal(copied["param"], torch.arange(6.0)) and not copied["param"].requires_grad
+    assert isinstance(copied["pair"], Pair) and copied["pair"].b == 3
+    assert copied["opts"]["lr"] == [0.1] and copied._metadata == {"": {"version": 1}}
+
+
 def test_async_save_that_fails_keeps_previous_checkpoint(tmp_path, monkeypatch):
     writes = GatedSave(monkeypatch)
     writes.gate.set()
