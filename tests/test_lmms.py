@@ -106,9 +106,10 @@ def needle(tiny_assets, tmp_path_factory):
     return {"root": root, "docs": docs, "task_dir": task_dir}
 
 
-def _offline_env() -> dict:
+def _offline_env(tmp_path: Path) -> dict:
+    """Nothing leaves the machine; the datasets cache of the task's JSON stays in the test's folder."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO_ROOT)}
+            "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets"), "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _samples(out_dir: Path, proc: subprocess.CompletedProcess) -> list[dict]:
@@ -132,7 +133,7 @@ def test_lmms_eval_command_agrees_with_mambamia_eval(needle, tiny_assets, tmp_pa
          f"pretrained={needle['root'] / 'export'},encoder={tiny_assets['vision']},fps={FPS},frames={FRAMES}",
          "--tasks", TASK, "--include_path", str(needle["task_dir"]), "--batch_size", "1", "--device", "cpu",
          "--output_path", str(out_dir), "--log_samples"],
-        env=_offline_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        env=_offline_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     # lmms-eval exits 0 after an error too: the sample log is what says it ran
     samples = {needle["docs"][s["doc_id"]]["id"]: s for s in _samples(out_dir, proc)}
     preds = {p["id"]: p for p in report["predictions"]}
