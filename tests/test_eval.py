@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data.shards import ShardWriter, write_index
+from trainer.model_card import CARD, _front_matter
 from trainer.evaluate import (MalformedItem, choose_option, format_table, iter_records, merge_parts,
                               parse_letter, parse_qa_item, score_items, summarize)
 
@@ -374,7 +376,17 @@ def test_constant_choice_per_question_type_and_unparsed_generations_warn():
     assert any("holds no multiple-choice items" in w for w in warnings)
 
 
-def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path):
+def _empty_card(export_dir, monkeypatch):
+    """A model card as `mambamia export` writes it, with no results yet."""
+    from trainer.config import load_config
+    from trainer.model_card import card_data, write_card
+
+    monkeypatch.setenv("MAMBAMIA_TINY", str(export_dir))  # the tiny configs' paths resolve under it
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2.yaml")
+    write_card(export_dir, card_data(cfg, 1, {"encoder": "tiny"}, "test"))
+
+
+def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path, monkeypatch):
     """A real model made blind to letters (the letters' output rows equal, so their logits are
     equal) triggers the warning and the report records it; `--target text` scores the option
     text after the bare question, checked against the training tokenization."""
@@ -412,8 +424,11 @@ def test_eval_warns_on_a_model_whose_letters_are_flat(tiny_assets, tmp_path):
     assert "WARNING:" in out.with_suffix(".txt").read_text()
 
     out = tmp_path / "eval" / "text.json"
+    _empty_card(tmp_path / "export", monkeypatch)
     assert main([str(tmp_path / "export"), str(tmp_path / "ds"), "--out", str(out), "--target", "text"]) == 0
     report = json.loads(out.read_text())
+    [row] = _front_matter(tmp_path / "export" / CARD)["mambamia"]["eval"]  # eval recorded itself in the card
+    assert row["name"] == "ds" and row["accuracy"] == report["accuracy"] and row["items"] == 6
     assert not any("multiple-choice" in w for w in report["warnings"])
     for p in report["predictions"]:
         item = videos[p["video_key"]][0]

@@ -578,11 +578,24 @@ def _finish(args: argparse.Namespace, parts: list[dict]) -> dict:
     write_atomic(out.with_suffix(".txt"), table + "\n")
     if args.open_ended:
         write_atomic(args.open_ended, "".join(json.dumps(r) + "\n" for r in rows))
+    _record_in_card(args, report)
     print(table)
     for warning in report["warnings"]:
         print(f"mambamia eval: warning: {warning}", file=sys.stderr)
     print(f"report: {out}  table: {out.with_suffix('.txt')}" + (f"  open-ended: {args.open_ended}" if args.open_ended else ""))
     return report
+
+
+def _record_in_card(args: argparse.Namespace, report: dict) -> None:
+    """The export's model card gains (or updates) a row named for the shards folder, so a folder
+    pushed to a hub carries its scores; an export made before cards existed is left as it is."""
+    from trainer.model_card import CARD, record_eval
+
+    if not (Path(args.export_dir) / CARD).is_file():
+        print(f"mambamia eval: note: {args.export_dir} has no model card; the scores are only in {args.out}",
+              file=sys.stderr)
+        return
+    record_eval(args.export_dir, report, Path(args.shards).name)
 
 
 def main(argv: list[str]) -> int:
