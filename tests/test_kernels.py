@@ -143,3 +143,18 @@ def test_bench_train_prints_its_ratio_on_cpu():
     (row,) = report["rows"]
     assert row["framework_tokens_per_s"] > 0 and row["bare_tokens_per_s"] > 0
     assert abs(row["ratio"] - row["framework_tokens_per_s"] / row["bare_tokens_per_s"]) < 2e-3
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_the_command_line_shows_the_kernel_choice_once_on_the_first_rank(rank, shown):
+    """`mambamia` configures logging so the INFO line naming each kernel path reaches the log
+    (Python drops INFO without a handler), on rank 0 only, once however often it is asked."""
+    code = ("from trainer.cli import configure_logging; configure_logging()\n"
+            "import torch; from model import kernels\n"
+            "for _ in range(3): kernels.kernel_for(kernels.SSD_SCAN, torch.zeros(1))\n")
+    env = {**os.environ, "RANK": rank, kernels.ENV_VAR: "reference"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[model.kernels]")]
+    assert len(lines) == (1 if shown else 0), result.stderr

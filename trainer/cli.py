@@ -15,6 +15,8 @@ explains X fully. Imports are lazy: `mambamia convert` never imports DeepSpeed.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 # name -> (module:function, one-line summary). Each function takes argv (list[str]) and returns an
@@ -38,6 +40,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def configure_logging() -> None:
+    """The project's own loggers (model/, data/, trainer/) print INFO lines such as the kernel
+    choice to stderr, on the first rank only: without a handler Python drops everything below
+    WARNING, and on N ranks each line would appear N times. Warnings still show on every rank."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    for package in ("model", "data", "trainer"):
+        logger = logging.getLogger(package)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -47,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"mambamia: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    configure_logging()
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
