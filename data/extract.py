@@ -117,7 +117,10 @@ def tower_file(source: str, name: str) -> Path:
         return Path(source) / name
 
 
-def _one_line(err: Exception) -> str:
+def _reason(source: str, err: Exception) -> str:
+    """Why `source` did not load, in one line; a path says it is missing, not that ids look otherwise."""
+    if source.startswith(("/", ".", "~")):
+        return "no such folder"
     return " ".join(str(err).split())[:300]
 
 
@@ -152,7 +155,7 @@ class FrameEncoder:
             model = AutoModel.from_pretrained(config.path)
         except OSError as err:  # not a folder, not a valid id, not on the hub, offline and not cached
             raise FileNotFoundError(f"{config.path}: neither a local folder nor a hub id of a SigLIP/CLIP "
-                                    f"vision model that resolves ({_one_line(err)})") from None
+                                    f"vision model that resolves ({_reason(config.path, err)})") from None
         if hasattr(model.config, "vision_config"):  # a full CLIP/SigLIP: keep only the image tower
             if not hasattr(model, "vision_model"):
                 raise ValueError(f"{folder}: {type(model).__name__} has no vision_model to extract from")

@@ -117,7 +117,7 @@ class VideoLLM(nn.Module):
         except OSError as err:  # not a folder, not a valid id, not on the hub, offline and not cached
             raise FileNotFoundError(f"VideoLLMConfig.llm_path: {config.llm_path!r} is neither a local "
                                     "folder holding a HF causal LM and its tokenizer nor a hub id that "
-                                    f"resolves ({_one_line(err)})") from None
+                                    f"resolves ({_reason(config.llm_path, err)})") from None
         config = dataclasses.replace(config, video_token_id=resolve_video_token_id(tokenizer, config))
         llm = AutoModelForCausalLM.from_pretrained(
             config.llm_path, dtype=getattr(torch, config.llm_dtype),
@@ -304,10 +304,13 @@ def pretrained_folder(name: str | os.PathLike) -> Path:
         return Path(snapshot_download(str(name)))
     except (OSError, ValueError) as err:  # not a repo id, not on the hub, offline and not cached
         raise FileNotFoundError(f"VideoLLM.from_pretrained: {str(name)!r} is neither a local folder nor "
-                                f"a hub id that resolves ({_one_line(err)})") from None
+                                f"a hub id that resolves ({_reason(str(name), err)})") from None
 
 
-def _one_line(err: Exception) -> str:
+def _reason(name: str, err: Exception) -> str:
+    """Why `name` did not load, in one line; a path says it is missing, not that ids look otherwise."""
+    if name.startswith(("/", ".", "~")):
+        return "no such folder"
     return " ".join(str(err).split())[:300]
 
 
