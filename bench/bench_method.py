@@ -298,6 +298,7 @@ def plot(table: dict, variants: list[str], lengths: list[int], tasks: tuple, pat
             s = [table[f"{v}/{n}/{task}"]["std"] for n in lengths]
             ax.errorbar(lengths, m, yerr=s, marker="o", capsize=3, label=v)
         ax.axhline(chance[task], color="grey", ls=":", lw=1)
+        ax.set_ylim(0.0, 1.05)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_title(task)
@@ -353,8 +354,34 @@ def describe_profile(name: str, prof: list[dict], frames: int) -> str:
             + f"\n  planted distinct frame's rank (0 = first) over {len(ranks)} seeds: {ranks}")
 
 
+def selection_recall(variant: str, spec: Spec, frames: int, delta_score: str, *, seeds: int = 3,
+                     videos: int = 20) -> list[float]:
+    """Per seed, the fraction of needle videos whose needle frame an UNTRAINED compressor keeps."""
+    out = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        cfg = dataclasses.replace(compressor_config(variant, spec), delta_score=delta_score)
+        model = VideoCompressor(cfg).eval()
+        pat, rng = Patterns(spec, seed), np.random.default_rng([seed, 7])
+        hits = 0
+        for _ in range(videos):
+            x, *_, where = make_video("needle", spec, pat, frames, rng)
+            with torch.no_grad():
+                hits += where[0] in model(torch.from_numpy(x)[None]).kept[0].tolist()
+        out.append(hits / videos)
+    return out
+
+
 def _profile(spec: Spec, frames: int, seeds: int = 8) -> dict:
-    report = {}
+    report = {"selection_recall": {}}
+    print(f"needle frame kept by an untrained compressor ({spec.keyframes} of {frames} frames; "
+          f"uniform would keep {spec.keyframes / frames:.0%}):")
+    for variant in [v for v in VARIANTS if not VARIANTS[v].get("frame_selection")]:
+        for how in ("mean", "deviation"):
+            recall = selection_recall(variant, spec, frames, how)
+            print(f"  {variant:<16} Δ score {how:<9}: {' '.join(f'{r:.0%}' for r in recall)}",
+                  flush=True)
+            report["selection_recall"][f"{variant}/{how}"] = recall
     for name, overrides in PROFILE_CASES.items():
         prof = []
         for seed in range(seeds):
@@ -379,7 +406,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs trained in parallel processes, one thread each (default 1)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant and length (default 3)")
     p.add_argument("--steps", type=int, default=Recipe.steps, help="training steps per run")
-    p.add_argument("--lr", type=float, default=Recipe.lr, help="peak learning rate, every variant")
+    p.add_argument("--lr", type=float, default=Recipe.lr,
+                   help="peak learning rate of the LLM, every variant")
+    p.add_argument("--module-lr", type=float, default=Recipe.module_lr,
+                   help="peak learning rate of compressor and projector, every variant")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
                    help="tasks mixed in training and scored (default: all three)")
     p.add_argument("--eval-items", type=int, default=Recipe.eval_items,
@@ -398,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     spec = Spec()
-    recipe = Recipe(steps=args.steps, lr=args.lr, eval_items=args.eval_items,
+    recipe = Recipe(steps=args.steps, lr=args.lr, module_lr=args.module_lr, eval_items=args.eval_items,
                     tasks=tuple(args.tasks))
     variants, lengths, seeds = args.variants, sorted(args.lengths), args.seeds
     if args.quick:
