@@ -126,7 +126,8 @@ def test_models_and_exports_load_by_hub_id_offline(hub, tiny_assets):
 
 def test_config_naming_hub_ids_trains_and_exports_offline(hub, tiny_assets, tmp_path):
     """`model.llm_path: ORG/NAME` trains (one process, gloo) and exports with the hub unreachable;
-    an id that is not there stops training with a line naming it."""
+    an id that is not there stops training with a line naming it; `init_from: ORG/NAME` loads an
+    export from the hub cache."""
     import torch
     from safetensors.torch import load_file
 
@@ -153,6 +154,25 @@ def test_config_naming_hub_ids_trains_and_exports_offline(hub, tiny_assets, tmp_
     bad = subprocess.run([*run, "train", TINY_STAGE1, "model.llm_path=nobody/none", f"run_dir={tmp_path / 'bad'}"],
                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "nobody/none" in bad.stderr
+    # the next stage starts from that export pushed to a hub: init_from names its id
+    lay_out_hub_cache(hub["hf_home"], "tiny-org/stage1-export", export)
+    check = subprocess.run([sys.executable, "-c", INIT_FROM_ID, TINY_STAGE1, str(export)], env=env, cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and check.stdout.strip().endswith("same weights"), check.stderr[-3000:]
+
+
+INIT_FROM_ID = """
+import sys, torch
+from safetensors.torch import load_file
+from trainer.config import load_config
+from trainer.train import build_model
+
+model = build_model(load_config(sys.argv[1], ["init_from=tiny-org/stage1-export"]))
+saved = load_file(sys.argv[2] + "/compressor.safetensors")
+state = model.compressor.state_dict()
+assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+print("same weights")
+"""
 
 
 def _free_port() -> int:
