@@ -60,7 +60,7 @@ class DataConfig:
     group_by_length: bool = False
     """Batch samples of similar length together: the epoch's order is cut into groups of
     `group_size` positions and each group is sorted by an estimated LLM length (kept frames x
-    `group_tokens_per_frame` + text bytes / 4, from the shard tables: no feature is read), so a
+    `group_tokens_per_frame` + text bytes / 4, from the shard tables: nothing is read), so a
     global batch pads to neighbours of similar length instead of the longest of a random draw.
     Off by default: it changes which samples meet in a batch (a mild bias LLaVA-NeXT accepts for
     its `group_by_modality_length`), and with the paper's budget visual tokens saturate at 64 kept
@@ -72,8 +72,12 @@ class DataConfig:
     from short to long batches over group_size / global batch steps; keep it a multiple of the
     global batch and several times larger."""
     group_tokens_per_frame: float = 73.0
-    """LLM tokens one sampled frame costs, for the length estimate only (the paper preset: 72
-    anchors + a frame separator per kept frame). Only the order within a group depends on it."""
+    """LLM tokens one kept frame costs, for the length estimate only (the paper preset: 72
+    anchors + a frame separator). Only the order within a group depends on it."""
+    group_kept_frames: int = 64
+    """Frames the model keeps at most (the paper's TAA keeps 64 keyframes: any video of 64
+    sampled frames or more costs the same 4672 visual tokens, model/budget.py), for the length
+    estimate only: beyond it only text length tells samples apart."""
     pack_sequences: bool = False
     """Collate a batch as one padding-free row (data/collate.py): its samples concatenated, with
     `cu_seqlens` marking where each begins; the model attends within each sample only (block-
@@ -101,7 +105,7 @@ class DataConfig:
         if not any(s.weight > 0 for s in self.sources):
             raise ValueError("data.sources: expected at least one source with weight > 0")
         for name in ("batch_size", "max_frames", "max_text_len", "prefetch_factor",
-                     "group_size"):
+                     "group_size", "group_kept_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:

@@ -94,28 +94,31 @@ class Source:
             raise DatasetError(f"{Path(path) / 'index.json'}: no samples")
 
     def lengths(self, max_frames: int, tokens_per_frame: float) -> np.ndarray:
-        """Estimated LLM length of every sample, for length grouping: min(frames, max_frames) x
-        tokens_per_frame + metadata bytes / 4, frames from the features member's size (header
-        length and frame size taken from the first readable record). Only the shard tables are
-        used: no feature or text byte is read. A record missing from its tar gets 0."""
+        """Estimated LLM length of every sample, for length grouping: frames x tokens_per_frame
+        (frames capped at `max_frames`) + text bytes / 4. Only the shard tables are used, no
+        feature or text byte is read: frames follow from the features member's size, text bytes
+        are the metadata member's size less its timestamps (which grow with the frames: ~8 bytes
+        each, an hour at 1 fps is ~30 KB). Header size, frame size and bytes per timestamp are
+        measured on the source's first readable record. A record missing from its tar gets 0."""
         reader = ShardReader(check_finite=False, tables=self.tables)
         try:
-            header, frame_bytes = self._npy_layout(reader)
+            header, frame_bytes, stamp_bytes = self._layout(reader)
             out = np.zeros(self.size, dtype=np.float64)
             start = 0
             for path, end in zip(self.shards, self.ends):
                 for i, (_, members) in enumerate(reader.table(path).records[: int(end) - start]):
                     feats, meta = members.get(FEATURES_MEMBER), members.get(META_MEMBER)
                     frames = max(0, feats.size - header) // frame_bytes if feats is not None else 0
-                    text = meta.size / _TEXT_BYTES_PER_TOKEN if meta is not None else 0.0
-                    out[start + i] = min(frames, max_frames) * tokens_per_frame + text
+                    text = max(0.0, meta.size - frames * stamp_bytes) if meta is not None else 0.0
+                    out[start + i] = min(frames, max_frames) * tokens_per_frame + text / _TEXT_BYTES_PER_TOKEN
                 start = int(end)
         finally:
             reader.close()
         return out
 
-    def _npy_layout(self, reader: ShardReader) -> tuple[int, int]:
-        """(npy header bytes, bytes per frame) of the first readable of the source's records."""
+    def _layout(self, reader: ShardReader) -> tuple[int, int, float]:
+        """(npy header bytes, bytes per frame, metadata bytes per timestamp) measured on the first
+        readable of the source's records."""
         for index in range(min(self.size, _MAX_FALLBACK)):
             try:
                 head = reader.head(*self.locate(index))
@@ -123,7 +126,9 @@ class Source:
                 continue
             path, i = self.locate(index)
             member = reader.table(path).records[i][1][FEATURES_MEMBER]
-            return head.data_offset - member.offset, 2 * head.shape[1] * head.shape[2]
+            stamps = json.dumps(head.meta["timestamps"], ensure_ascii=False)
+            return (head.data_offset - member.offset, 2 * head.shape[1] * head.shape[2],
+                    len(stamps.encode()) / head.shape[0])
         raise DatasetError(f"{self.path}: none of the first {_MAX_FALLBACK} records is readable; "
                            "cannot estimate lengths for data.group_by_length")
 
@@ -369,7 +374,8 @@ class VideoLoader:
         self._bad_records: dict[str, set[str]] = {}  # source -> shard and key of each bad record
         self._plan: EpochPlan | None = None
         cfg = self.config
-        lengths = ([s.lengths(cfg.max_frames, cfg.group_tokens_per_frame) for s in self.sources]
+        lengths = ([s.lengths(min(cfg.max_frames, cfg.group_kept_frames), cfg.group_tokens_per_frame)
+                    for s in self.sources]
                    if cfg.group_by_length else None)  # before the workers fork: they inherit them
         self._spec = _Spec(config=cfg, sources=self.sources, tokenizer=tokenizer, pad_id=self.pad_id,
                            rank=rank, world_size=world_size, samples_per_epoch=self.samples_per_epoch,
@@ -455,7 +461,8 @@ class VideoLoader:
                "sources": [[s.path, s.weight, s.size] for s in self.sources]}
         cfg = self.config
         if cfg.group_by_length:  # only then: states saved before grouping existed still load
-            out["length_groups"] = [cfg.group_size, cfg.group_tokens_per_frame, cfg.max_frames]
+            out["length_groups"] = [cfg.group_size, cfg.group_tokens_per_frame,
+                                    min(cfg.max_frames, cfg.group_kept_frames)]
         return out
 
     def state_dict(self) -> dict:
