@@ -537,3 +537,23 @@ def test_packed_batches_hold_the_padded_batches_samples(dataset, tok):
         assert bool(p["attention_mask"].all())
         for name in ("features", "frame_mask", "timestamps"):
             assert torch.equal(p[name], q[name]), name
+
+
+def test_length_estimate_follows_frames_and_text_not_timestamps(tmp_path):
+    """Source.lengths against an oracle computed from what was written: kept frames x tokens per
+    frame + the metadata's bytes without its timestamps / 4 (timestamps grow with the frames)."""
+    from data.loader import Source
+
+    specs = [(2, 10), (30, 10), (2, 2000), (30, 2000), (60, 10), (60, 2000)]  # (frames, answer chars)
+    oracle = []
+    with ShardWriter(tmp_path, prefix="l", max_samples=4) as w:
+        for i, (frames, chars) in enumerate(specs):
+            meta = _meta(f"l{i}", frames, i)
+            meta["conversations"][0][1]["value"] = "x" * chars
+            w.write(f"l{i}", _features(i, frames), meta)
+            text = json.dumps({k: v for k, v in meta.items() if k != "timestamps"}).encode()
+            oracle.append(min(frames, 40) * 10.0 + len(text) / 4)
+    write_index(tmp_path)
+    got = Source(tmp_path, 1.0).lengths(max_frames=40, tokens_per_frame=10.0)
+    assert got == pytest.approx(oracle, abs=20)  # ~8 bytes of timestamp formatting per frame apart
+    assert list(np.argsort(got)) == list(np.argsort(oracle))
