@@ -95,6 +95,8 @@ def test_includes_merge_maps_and_replace_lists(tmp_path):
     ("parallel.offload_params=cpu", "parallel.offload_params: needs parallel.zero_stage=3"),
     ("optimizer.lr", "override 'optimizer.lr': expected key.sub=value"),
     ("data.batch_size=0", "data: data.batch_size: expected >= 1, got 0"),
+    ("data.pack_sequences=true parallel.pipeline_stages=2",
+     "data.pack_sequences: the pipeline stages take padded batches"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     path = _write(tmp_path, "c.yaml", _minimal())

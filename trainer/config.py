@@ -188,6 +188,9 @@ class RunConfig:
             raise ConfigError("lora.target_modules: expected at least one module name, got []")
         if self.lora.enabled and self.parallel.pipeline_stages > 1:
             raise ConfigError("lora.enabled: not implemented for parallel.pipeline_stages > 1")
+        if self.data.pack_sequences and self.parallel.pipeline_stages > 1:
+            raise ConfigError("data.pack_sequences: the pipeline stages take padded batches; "
+                              "use it with parallel.pipeline_stages=1")
         for name in self.optimizer.group_lr:
             if name not in self.trainable:
                 raise ConfigError(f"optimizer.group_lr.{name}: not in trainable {self.trainable}")
