@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 FEATURE_DTYPES = ("float32", "bfloat16", "float16")
@@ -100,16 +101,17 @@ class DataConfig:
         if not self.sources:
             raise ValueError("data.sources: expected at least one dataset folder, got []")
         for i, s in enumerate(self.sources):
-            if s.weight < 0:
-                raise ValueError(f"data.sources[{i}].weight: expected >= 0, got {s.weight}")
+            if not (math.isfinite(s.weight) and s.weight >= 0):  # NaN fails every comparison: test finiteness
+                raise ValueError(f"data.sources[{i}].weight: expected a finite number >= 0, got {s.weight}")
         if not any(s.weight > 0 for s in self.sources):
             raise ValueError("data.sources: expected at least one source with weight > 0")
         for name in ("batch_size", "max_frames", "max_text_len", "prefetch_factor",
                      "group_size", "group_kept_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        for name in ("num_workers", "bad_check_after", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.bad_fraction_limit <= 1.0:
             raise ValueError(f"data.bad_fraction_limit: expected in [0, 1], got {self.bad_fraction_limit}")
         if self.features_dtype not in FEATURE_DTYPES:

@@ -238,6 +238,17 @@ def test_tied_llm_weight_listed_once_and_unknown_group(tmp_path):
 # Value ranges (issue 18.9): each refused at load with one line naming the key
 
 
+@pytest.mark.parametrize("override, key", [
+    ("data.sources=[{path: /a, weight: .nan}, {path: /b, weight: 1}]", "data.sources[0].weight"),
+    ("data.seed=-1", "data.seed"),
+    ("data.bad_check_after=-5", "data.bad_check_after"),
+])
+def test_nonsense_data_values_are_refused_naming_the_key(tmp_path, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, "c.yaml", _minimal()), [override])
+    assert f"{key}: expected " in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["optimizer.lr=-1e-4"], "optimizer.lr"),
     (["optimizer.lr=.nan"], "optimizer.lr"),
