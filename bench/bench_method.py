@@ -400,7 +400,8 @@ def _profile(spec: Spec, frames: int, seeds: int = 8) -> dict:
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: 2 variants, 1 length (32 frames), 2 seeds, a few steps")
+                   help="CI smoke run: 2 variants, 1 length (32 frames), 2 seeds, all 3 tasks, "
+                        "a few steps")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--lengths", nargs="+", type=int, default=[16, 32],
                    help="frames per video (default: 16 32, what 2 shared CPU cores train in "
@@ -437,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     variants, lengths, seeds = args.variants, sorted(args.lengths), args.seeds
     if args.quick:
         variants, lengths, seeds = ["mambamia", "avgpool"], [32], 2
-        recipe = dataclasses.replace(recipe, steps=6, eval_items=4)
+        recipe = dataclasses.replace(recipe, steps=6, eval_items=4, tasks=TASKS)
     if args.profile:
         print(json.dumps({"profile": {str(n): _profile(spec, n) for n in lengths}}))
         return 0
