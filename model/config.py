@@ -213,6 +213,18 @@ class CompressorConfig:
     def from_dict(cls, data: dict[str, Any]) -> "CompressorConfig":
         return _from_dict(cls, data)
 
+    # Fields added after models were first saved, with the value that reproduces how those older
+    # models computed (their defaults since changed to follow the official code). A saved config
+    # that lacks one of them is read with this value, never silently with today's default.
+    SAVED_BEFORE = {"norm_before_gate": False, "group_padding": "zeros", "delta_score": "mean",
+                    "backward_dt_bias_init": "like_forward"}
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> tuple["CompressorConfig", list[str]]:
+        """A config read from a saved model, and the fields filled in with SAVED_BEFORE's values."""
+        filled = {k: v for k, v in cls.SAVED_BEFORE.items() if k not in data}
+        return cls.from_dict({**data, **filled}), [f"{k}={v}" for k, v in filled.items()]
+
 
 @dataclass(kw_only=True)
 class VideoLLMConfig:
@@ -243,7 +255,7 @@ class VideoLLMConfig:
         if isinstance(self.compressor, dict):
             self.compressor = CompressorConfig.from_dict(self.compressor)
         if not self.llm_path:
-            raise ValueError(f"{name}.llm_path: expected a folder, got {self.llm_path!r}")
+            raise ValueError(f"{name}.llm_path: expected a folder or a hub id, got {self.llm_path!r}")
         _choice(name, "projector", self.projector, PROJECTORS)
         _choice(name, "attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice(name, "llm_dtype", self.llm_dtype, LLM_DTYPES)

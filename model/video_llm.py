@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,11 +32,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.compressor import VideoCompressor
-from model.config import VideoLLMConfig
+from model.config import CompressorConfig, VideoLLMConfig
 from model.projector import build_projector
 
 IGNORE_INDEX = -100
 CONFIG_FILE = "mambamia.json"
+
+log = logging.getLogger(__name__)
 SEPARATOR_KEY = "frame_separator"
 
 
@@ -271,7 +274,12 @@ class VideoLLM(nn.Module):
         if not cfg_path.is_file():
             raise FileNotFoundError(f"VideoLLM.from_pretrained: {cfg_path} is missing; expected a "
                                     "folder written by VideoLLM.save_pretrained")
-        config = VideoLLMConfig.from_dict(json.loads(cfg_path.read_text()))
+        saved = json.loads(cfg_path.read_text())
+        compressor, filled = CompressorConfig.from_saved(saved.get("compressor", {}))
+        if filled:
+            log.warning("%s was saved before these compressor fields existed; read as %s, how it was "
+                        "trained", cfg_path, ", ".join(filled))
+        config = VideoLLMConfig.from_dict({**saved, "compressor": compressor.to_dict()})
         model = cls.build(dataclasses.replace(config, llm_path=str(folder / "llm")))
         model.load_modules(folder)
         return model

@@ -132,6 +132,33 @@ def test_save_then_load_gives_the_same_logits(qwen, tmp_path):
     assert VideoLLM.from_pretrained(tmp_path / "export").config.video_token_id == model.config.video_token_id
 
 
+def test_a_model_saved_before_new_compressor_fields_loads_as_it_was_trained(tiny_assets, tmp_path, caplog):
+    """A mambamia.json written before norm_before_gate / group_padding / delta_score existed is
+    read with the values those models computed with (gate-first norm, zero-padded groups, mean Δ),
+    said once, not with today's defaults: the oracle is a model built with those values given
+    explicitly, holding the same weights."""
+    old_ways = {"norm_before_gate": False, "group_padding": "zeros", "delta_score": "mean",
+                "backward_dt_bias_init": "like_forward"}
+    torch.manual_seed(0)
+    # 16 patches in groups of k=3: the padding choice matters; 2 kept of 5 frames: the score does.
+    comp = CompressorConfig(input_dim=FEAT_DIM, patches_per_frame=PATCHES, hidden_size=32, num_layers=1, k=3,
+                            taa_layers=1, keyframes=2, d_state=8, headdim=16, ssd_chunk_size=32, **old_ways)
+    old = VideoLLM.build(VideoLLMConfig(llm_path=str(tiny_assets["llm"]), compressor=comp)).eval()
+    old.save_pretrained(tmp_path / "export")
+    path = tmp_path / "export" / "mambamia.json"
+    saved = json.loads(path.read_text())
+    for key in old_ways:
+        del saved["compressor"][key]
+    path.write_text(json.dumps(saved))
+    with caplog.at_level("WARNING", logger="model.video_llm"):
+        loaded = VideoLLM.from_pretrained(tmp_path / "export").eval()
+    assert {k: getattr(loaded.config.compressor, k) for k in old_ways} == old_ways
+    assert len([r for r in caplog.records if "norm_before_gate=False" in r.getMessage()]) == 1
+    ids, am, _, feats, fm, _ = make_batch(old.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, am, feats, fm).logits, old(ids, am, feats, fm).logits)
+
+
 def test_generate_equals_a_greedy_loop_through_forward(qwen):
     model = qwen.eval()
     _, _, _, feats, fm, prompts = make_batch(model.tokenizer)
