@@ -49,22 +49,10 @@ def offline_env(hf_home: Path, **extra: str) -> dict:
 @pytest.fixture(scope="module")
 def hub(tiny_assets, tmp_path_factory):
     """HF_HOME holding the tiny LLM, vision tower and a saved VideoLLM as hub repos."""
-    import torch
-
-    from model.config import CompressorConfig, VideoLLMConfig
-    from model.video_llm import VideoLLM
+    from tests.utils.exports import tiny_text_export
 
     root = tmp_path_factory.mktemp("hub")
-    torch.manual_seed(0)
-    model = VideoLLM.build(VideoLLMConfig(llm_path=str(tiny_assets["llm"]), compressor=CompressorConfig(
-        input_dim=32, hidden_size=32, num_layers=1, k=4, taa_layers=1, keyframes=2, d_state=16,
-        headdim=16, ssd_chunk_size=32, gpa_dropout=0.0)))
-    # the random tiny LLM answers only whitespace: silence it so that `ask` answers hold text
-    tok = model.tokenizer
-    blank = [i for i in range(len(tok)) if not tok.decode([i]).strip() and i != tok.eos_token_id]
-    with torch.no_grad():
-        model.llm.get_output_embeddings().weight[blank] = 0
-    model.save_pretrained(root / "export")
+    tiny_text_export(tiny_assets["llm"], root / "export", keyframes=2)
     hf_home = root / "hf_home"
     for repo_id, folder in ((LLM_ID, tiny_assets["llm"]), (VISION_ID, tiny_assets["vision"]),
                             (EXPORT_ID, root / "export")):

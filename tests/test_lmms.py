@@ -68,26 +68,13 @@ def process_results(doc, results):
 @pytest.fixture(scope="module")
 def needle(tiny_assets, tmp_path_factory):
     """A random tiny export, 4 rendered needle videos, their shards and an lmms-eval task on them."""
-    import torch
-
     from data.needle import NeedleConfig, write_needle_task
     from data.text import mcq_prompt
-    from model.config import CompressorConfig, VideoLLMConfig
-    from model.video_llm import VideoLLM
+    from tests.utils.exports import tiny_text_export
     from trainer.cli import main as cli
 
     root = tmp_path_factory.mktemp("lmms")
-    torch.manual_seed(0)
-    model = VideoLLM.build(VideoLLMConfig(llm_path=str(tiny_assets["llm"]), compressor=CompressorConfig(
-        input_dim=32, hidden_size=32, num_layers=1, k=4, taa_layers=1, keyframes=4, d_state=16,
-        headdim=16, ssd_chunk_size=32, gpa_dropout=0.0)))
-    # the random tiny LLM answers only whitespace (empty once stripped): silence those tokens so
-    # that the generated answers compared below hold text
-    tok = model.tokenizer
-    blank = [i for i in range(len(tok)) if not tok.decode([i]).strip() and i != tok.eos_token_id]
-    with torch.no_grad():
-        model.llm.get_output_embeddings().weight[blank] = 0
-    model.save_pretrained(root / "export")
+    tiny_text_export(tiny_assets["llm"], root / "export", keyframes=4)
     paths = write_needle_task(root / "videos", NeedleConfig(videos=4, duration_s=12.0, fps=2.0, size=32,
                                                             needle_s=3.0), split="test", workers=1, progress=False)
     assert cli(["convert", "--annotations", str(paths["mcq"]), "--videos", str(root / "videos"), "--encoder",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +162,8 @@ def explain(seen: Seen, question: str, out: Path, max_thumbs: int = 16) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trainer.plots import save_figure
+
     kept = seen.kept[:max_thumbs]
     cols = max(1, len(kept))
     fig = plt.figure(figsize=(max(8.0, 1.3 * cols), 5.2))
@@ -186,13 +187,7 @@ def explain(seen: Seen, question: str, out: Path, max_thumbs: int = 16) -> Path:
         thumb.imshow(seen.frames[i])
         thumb.set_title(f"{t[i]:.1f} s", fontsize=8)
         thumb.axis("off")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:

@@ -181,7 +181,7 @@ class BackgroundWrite:
         try:
             for i, (state, path) in enumerate(self._files):
                 torch.save(state, path)
-                _fsync_path(Path(path))
+                fsync_path(Path(path))
                 if self._crash and i == 0:
                     os.kill(os.getpid(), signal.SIGKILL)
         finally:
@@ -224,7 +224,8 @@ def _note(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (renames), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.async_checkpoint import BackgroundWrite, HostBuffers, make_snapshot_engine
+from trainer.async_checkpoint import BackgroundWrite, HostBuffers, fsync_path, make_snapshot_engine
 from trainer.rng import get_rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -159,22 +159,13 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _fsync_files(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's data, or a folder's entries (renames), to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(path)
 
 
 def code_version() -> str:
@@ -401,7 +392,7 @@ class Checkpointer:
                   "files": _manifest(folder)}
         _write_atomic(folder / MARKER, json.dumps(marker, indent=1) + "\n")
         os.replace(folder, self.root / str(step))
-        _fsync(self.root)
+        fsync_path(self.root)
         _write_atomic(self.root / LATEST, f"{step}\n")
         self._prune(keep=step)
 
@@ -707,7 +698,7 @@ def _convert_to_universal(src: Path, dst: Path) -> None:
     marker = {k: v for k, v in json.loads((src / MARKER).read_text()).items() if k != "files"}
     _write_atomic(tmp / MARKER, json.dumps(marker, indent=1) + "\n")
     os.replace(tmp, dst)
-    _fsync(dst.parent)
+    fsync_path(dst.parent)
 
 
 def _remove_checkpoint(path: Path) -> None:

@@ -77,6 +77,15 @@ def plot_runs(runs: dict[str, str | Path], out_png: str | Path,
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, out_png)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Write a matplotlib figure as PNG under a temporary name, then rename: a reader never sees
+    half a picture, and an earlier one survives a crash. Closes the figure."""
+    import matplotlib.pyplot as plt
+
+    out_png = Path(out_png)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.stem}.{os.getpid()}.tmp.png")
