@@ -21,7 +21,6 @@ What `open_dataset` checks (each failure is a DatasetError: one line naming inde
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from data.config import VERIFY_INDEX
 from data.records import ShardReader, ShardTable, scan_shard
+from data.shards import file_sha256
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
@@ -70,14 +70,6 @@ class Dataset:
 
     def reader(self, **options) -> ShardReader:
         return ShardReader(tables=self.tables, **options)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_index(index_path: Path) -> dict:
@@ -165,7 +157,7 @@ def open_dataset(folder: str | Path, *, verify: str = "counts") -> Dataset:
         if verify == "sha256":
             if entry.sha256 is None:
                 raise DatasetError(f"{index_path}: shard {entry.name} has no 'sha256' to verify against")
-            if _sha256(entry.path) != entry.sha256:
+            if file_sha256(entry.path) != entry.sha256:
                 raise DatasetError(f"{index_path}: shard {entry.name} differs from its sha256 "
                                    "(changed since the index was written)")
     return dataset

@@ -382,7 +382,8 @@ class ShardWriter:
         self._file = self._tmp_path = None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB blocks (the checksum index.json records)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -420,7 +421,7 @@ def write_index(out_dir: str | Path, *, progress: bool = False) -> dict:
                 raise RuntimeError(f"{out_dir}: key {key!r} is in both {seen[key]} and {path.name}")
             seen[key] = path.name
         shards.append({"name": path.name, "samples": len(keys), "bytes": path.stat().st_size,
-                       "sha256": _sha256(path)})
+                       "sha256": file_sha256(path)})
     if not shards:
         raise RuntimeError(f"{out_dir}: no complete shards (*-rNNNNN-NNNNNN.tar) to index")
     index = {

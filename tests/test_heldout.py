@@ -82,22 +82,14 @@ def _oracle_loss(model, conversation, features) -> float:
 
 
 def test_validation_reports_each_answer_form_and_the_trained_one(tiny_assets, tmp_path, process_group):
-    import torch
-
     from data.text import VIDEO_TOKEN, qa_conversation
-    from trainer.dist import DistInfo
     from trainer.evaluate import iter_records
     from trainer.train import validation_loss
 
     train = _write(tmp_path / "train", word_records(4), seed=0)
     val = _write(tmp_path / "val", mc_records(5), seed=1)
     model = tiny_model(tiny_assets)
-    cfg = SimpleNamespace(
-        data=DataConfig(sources=[DataSource(path=str(train))], batch_size=2, max_frames=8, max_text_len=256),
-        validation=SimpleNamespace(sources=[DataSource(path=str(val))], max_batches=0))
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-
-    scalars = validation_loss(model, cfg, model.tokenizer, info, torch.float32)
+    scalars = validation_loss(model, *_one_process_validation(train, val, batch_size=2, tokenizer=model.tokenizer))
 
     letters, words = [], []
     for record in iter_records(val):
@@ -115,21 +107,28 @@ def test_validation_reports_each_answer_form_and_the_trained_one(tiny_assets, tm
     assert all(math.isfinite(v) for v in scalars.values())
 
 
-def test_validation_averages_every_trained_form(tiny_assets, tmp_path, process_group):
+def _one_process_validation(train, val, *, batch_size, tokenizer):
+    """validation_loss's arguments after the model: a run config with `train` as training data and
+    `val` as validation data, the tokenizer, one CPU process, float32."""
     import torch
 
     from trainer.dist import DistInfo
+
+    cfg = SimpleNamespace(
+        data=DataConfig(sources=[DataSource(path=str(train))], batch_size=batch_size, max_frames=8, max_text_len=256),
+        validation=SimpleNamespace(sources=[DataSource(path=str(val))], max_batches=0))
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    return cfg, tokenizer, info, torch.float32
+
+
+def test_validation_averages_every_trained_form(tiny_assets, tmp_path, process_group):
     from trainer.train import validation_loss
 
     # training teaches both forms: val/loss is the sample mean over both forms' samples
     train = _write(tmp_path / "train", {**word_records(2), **mc_records(2)}, seed=0)
     val = _write(tmp_path / "val", {**word_records(3), **mc_records(2)}, seed=1)
     model = tiny_model(tiny_assets)
-    cfg = SimpleNamespace(
-        data=DataConfig(sources=[DataSource(path=str(train))], batch_size=3, max_frames=8, max_text_len=256),
-        validation=SimpleNamespace(sources=[DataSource(path=str(val))], max_batches=0))
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-    s = validation_loss(model, cfg, model.tokenizer, info, torch.float32)
+    s = validation_loss(model, *_one_process_validation(train, val, batch_size=3, tokenizer=model.tokenizer))
     # 3 conversations + 2 items in word form = 5 open samples; 2 letter samples
     assert s["val/loss"] == pytest.approx((5 * s["val/loss_open"] + 2 * s["val/loss_mc"]) / 7)
 
