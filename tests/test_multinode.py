@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,9 @@ def test_checkpoint_of_two_hosts_resumes_on_one_host(runs, tiny, tmp_path):
 
 
 def test_run_folder_not_shared_between_hosts_is_refused(tiny, tmp_path):
-    run_dir = Path(NODE_LOCAL) / f"run-{tmp_path.name}"  # a different folder on each host
+    # a different folder on each host; a fresh name each run, since the hosts' tmpfs outlives a
+    # session (an earlier session's attempt counter there would make the launcher give up first)
+    run_dir = Path(NODE_LOCAL) / f"run-{uuid.uuid4().hex}"
     log = tmp_path / "local.log"
     info = wait_done(submit(tiny, run_dir, log, TWO_HOSTS), [log], timeout=300, conf=CONF)
     text = log.read_text()
