@@ -32,3 +32,19 @@ def test_print_config_refuses_a_bad_value_in_one_line(tmp_path, monkeypatch, cap
     assert main([CONFIG, "--print-config", "optimizer.lr=-1"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("\n") == 1 and "optimizer.lr" in out.err
+
+
+def test_the_command_tears_down_its_process_group_before_exit():
+    """`mambamia`'s entry point destroys the process group a command left behind, so gloo's
+    threads are not left to interpreter shutdown (a finished rank sometimes aborted there)."""
+    import subprocess
+    import sys
+
+    code = ("import torch.distributed as dist, trainer.cli as cli\n"
+            "def main():\n"
+            "    dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+            "    return 0\n"
+            "cli.main = main\n"
+            "assert cli.entry() == 0 and not dist.is_initialized()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

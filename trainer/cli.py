@@ -70,5 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(func(rest) or 0)
 
 
+def entry() -> int:
+    """The process entry point (`mambamia`, `python -m trainer.cli`): main, then the process group
+    is torn down before the interpreter exits. Left to interpreter shutdown, gloo's threads were
+    sometimes destroyed while still joinable, and a rank that had finished its work aborted
+    (SIGABRT, "terminate called without an active exception")."""
+    code = main()
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
