@@ -6,6 +6,7 @@ whole path convert -> train -> eval must run on such data and say plainly what i
 from __future__ import annotations
 
 import math
+import shutil
 import socket
 from types import SimpleNamespace
 
@@ -271,3 +272,26 @@ def test_letter_answers_in_conversations_are_the_multiple_choice_form(tmp_path):
     letters = _write(tmp_path / "letters", {f"t{i}": {"conversations": [conv("AB"[i % 2])]} for i in range(3)}, 0)
     assert training_forms((str(letters),)) == {"mc"}
     assert training_forms((str(_write(tmp_path / "words", word_records(2), 0)),)) == {"open"}
+
+
+def test_held_out_list_is_built_once_and_rebuilt_when_the_index_changes(tiny_assets, tmp_path,
+                                                                       process_group, monkeypatch):
+    from trainer import validation
+    from trainer.train import validation_loss
+
+    train = _write(tmp_path / "train", word_records(2), seed=0)
+    val = _write(tmp_path / "val", mc_records(3), seed=1)
+    model = tiny_model(tiny_assets)
+    builds = []
+    real = validation.held_out_samples
+    monkeypatch.setattr(validation, "held_out_samples",
+                        lambda *a, **k: builds.append(1) or real(*a, **k))
+    args = _one_process_validation(train, val, batch_size=2, tokenizer=model.tokenizer)
+    first = validation_loss(model, *args)
+    assert validation_loss(model, *args) == first
+    assert len(builds) == 1
+    # a rewritten held-out folder (two more records) is read afresh: one more open and mc sample each
+    shutil.rmtree(val)
+    _write(tmp_path / "val", mc_records(5), seed=1)
+    again = validation_loss(model, *args)
+    assert len(builds) == 2 and again != first

@@ -46,6 +46,37 @@ def test_tasks_plant_their_patterns_where_they_say(task):
     assert counts.min() > 200 / len(options) * 0.6  # every answer is common: text alone is chance
 
 
+def test_layout_needle_classes_share_their_mean_and_differ_by_position():
+    """The layout needle's classes are the same parts rotated across the frame's patches: a mean
+    over the group (what average pooling keeps) is identical for every class, to rounding, while
+    the patches themselves tell the classes apart; the answer names the rotation."""
+    bm = _bench()
+    spec = bm.Spec(needle_kind="layout")
+    pat = bm.Patterns(spec, 3)
+    scene_rng = np.random.default_rng(5)
+    means, frames = [], []
+    for answer in range(4):
+        # Same scene and noise for every class: draw the video until this answer comes up.
+        while True:
+            rng = np.random.default_rng(scene_rng.integers(1 << 30))
+            state = rng.bit_generator.state
+            x, _, options, got, where = bm.make_video("needle", spec, pat, 12, rng)
+            if got == answer:
+                break
+        rng.bit_generator.state = state
+        clean = bm.scene(spec, 12, rng)  # the same draws without the planted frame
+        planted = x[where[0]] - clean[where[0]]
+        for p in range(spec.patches):  # patch p shows part (p - answer) mod patches
+            np.testing.assert_allclose(planted[p], pat.parts[(p - answer) % spec.patches],
+                                       atol=1e-5)
+        means.append(planted.mean(0))
+        frames.append(planted)
+    for m in means[1:]:
+        np.testing.assert_allclose(m, means[0], atol=1e-5)
+    for f in frames[1:]:
+        assert np.abs(f - frames[0]).max() > 1.0
+
+
 def test_quick_mode_runs_end_to_end(tmp_path, capsys):
     bm = _bench()
     assert bm.main(["--quick", "--out", str(tmp_path)]) == 0
@@ -57,4 +88,5 @@ def test_quick_mode_runs_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "bench_method_quick.json").read_text())
     assert len(report["runs"]) == 2 * 2  # variants x seeds
     for run in report["runs"]:
-        assert all(0.0 <= run["tasks"][t]["accuracy"] <= 1.0 for t in ("needle", "order", "count"))
+        assert all(0.0 <= run["results"]["32"][t]["accuracy"] <= 1.0
+                   for t in ("needle", "order", "count"))

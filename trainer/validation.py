@@ -18,6 +18,7 @@ training loss fell). Each sample counts once: its loss is the mean over its answ
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -115,6 +116,35 @@ def held_out_samples(cfg, tokenizer, reader: ShardReader, limit: int | None) -> 
     return samples
 
 
+_HELD_OUT: dict[tuple, list[_Sample]] = {}
+
+
+def _held_out_key(cfg, tokenizer, limit: int | None) -> tuple:
+    """What the held-out list depends on: the sources as they are on disk now (an index rewritten
+    since gives a new list), the tokenizer, the frame and text limits."""
+    sources = []
+    for src in cfg.validation.sources:
+        try:
+            stat = os.stat(os.path.join(src.path, "index.json"))
+            on_disk = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            on_disk = None
+        sources.append((src.path, src.weight, on_disk))
+    return (tuple(sources), limit, id(tokenizer), len(tokenizer), cfg.data.max_frames,
+            cfg.data.max_text_len, cfg.data.num_patches, cfg.data.feature_dim)
+
+
+def cached_held_out_samples(cfg, tokenizer, reader: ShardReader, limit: int | None) -> list[_Sample]:
+    """held_out_samples, built once per run: every validation call scores the same list, and
+    re-reading every record header and re-tokenizing every conversation each time cost a pass
+    over the held-out index per call."""
+    key = _held_out_key(cfg, tokenizer, limit)
+    if key not in _HELD_OUT:
+        _HELD_OUT.clear()  # one run's list at a time
+        _HELD_OUT[key] = held_out_samples(cfg, tokenizer, reader, limit)
+    return _HELD_OUT[key]
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B] mean next-token cross-entropy over each row's labelled positions (0 for a row without)."""
     target = labels[:, 1:]
@@ -184,7 +214,7 @@ def validation_scalars(engine, cfg, tokenizer, rank: int, world_size: int, devic
     # [sum of losses, samples] per form
     totals = torch.zeros(len(FORMS), 2, dtype=torch.float64, device=device)
     try:
-        samples = held_out_samples(cfg, tokenizer, reader, limit)
+        samples = cached_held_out_samples(cfg, tokenizer, reader, limit)
         if not samples:  # e.g. a benchmark whose answers are hidden: nothing to validate against
             return {}
         engine.eval()
