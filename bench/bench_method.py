@@ -440,9 +440,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="frames per video (default: 64 256 1024; the budget is 8 kept frames at "
                         "every length)")
     p.add_argument("--train-on", choices=["mixed", "each"], default="mixed",
-                   help="mixed (default): one model per variant and seed, each batch's length "
-                        "drawn from --lengths, scored at every length; each: one model per "
-                        "length, trained and scored at it")
+                   help="mixed (default): one model per variant and seed, trained on the "
+                        "shortest length first, then on every length (--short-first), scored at "
+                        "every length; each: one model per length, trained and scored at it")
+    p.add_argument("--short-first", type=float, default=Recipe.short_first,
+                   help="fraction of the steps on the shortest videos only (default 0.75)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained in parallel processes, one thread each (default 1)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant and length (default 3)")
@@ -474,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     spec = Spec(needle_kind=args.needle)
     recipe = Recipe(steps=args.steps, lr=args.lr, module_lr=args.module_lr, eval_items=args.eval_items,
-                    tasks=tuple(args.tasks))
+                    tasks=tuple(args.tasks), short_first=args.short_first)
     variants, lengths, seeds = args.variants, sorted(args.lengths), args.seeds
     if args.quick:
         variants, lengths, seeds = ["mambamia", "avgpool"], [32], 2
