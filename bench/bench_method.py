@@ -18,7 +18,7 @@ Variants (equal visual-token budget at every length: `keyframes` frames x anchor
     mambamia_uniform.
 
     python bench/bench_method.py --quick                          # CI smoke run, seconds
-    python bench/bench_method.py --jobs 2                         # the needle table (~50 min)
+    python bench/bench_method.py --jobs 2                         # the needle table (~25 min)
     python bench/bench_method.py --jobs 2 --tasks order count     # the other two tasks
     python bench/bench_method.py --tune 1e-3 3e-3 --lengths 64    # the recipe's learning rate
     python bench/bench_method.py --profile --lengths 128          # Δ frame scores, untrained
@@ -329,10 +329,12 @@ def plot(table: dict, variants: list[str], lengths: list[int], tasks: tuple, pat
                              squeeze=False)
     axes = axes[0]
     for ax, task in zip(axes, tasks):
-        for v in variants:
+        for i, v in enumerate(variants):
             m = [table[f"{v}/{n}/{task}"]["mean"] for n in lengths]
             s = [table[f"{v}/{n}/{task}"]["std"] for n in lengths]
-            ax.errorbar(lengths, m, yerr=s, marker="o", capsize=3, label=v)
+            # Dodged sideways so that variants with equal scores stay visible.
+            dodge = 2 ** (0.06 * (i - (len(variants) - 1) / 2))
+            ax.errorbar([n * dodge for n in lengths], m, yerr=s, marker="o", capsize=3, label=v)
         ax.axhline(chance[task], color="grey", ls=":", lw=1)
         ax.set_ylim(0.0, 1.05)
         ax.set_xscale("log", base=2)
