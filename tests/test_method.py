@@ -90,3 +90,32 @@ def test_quick_mode_runs_end_to_end(tmp_path, capsys):
     for run in report["runs"]:
         assert all(0.0 <= run["results"]["32"][t]["accuracy"] <= 1.0
                    for t in ("needle", "order", "count"))
+
+
+def test_curriculum_trains_short_videos_first_then_every_length(monkeypatch):
+    """Recipe.short_first of the steps see the shortest length only; the rest draw from all."""
+    import torch
+
+    bm = _bench()
+    seen = []
+    monkeypatch.setattr(bm, "batch_of", lambda tok, videos: {"x": torch.tensor(float(len(videos[0][0])))})
+    monkeypatch.setattr(bm, "make_video", lambda task, spec, pat, frames, rng: (np.zeros(frames),) * 5)
+
+    class Model(torch.nn.Module):
+        tokenizer = None
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2, 2))
+
+        def module_groups(self):
+            return {"llm": [("w", self.w)]}
+
+        def forward(self, x):
+            seen.append(int(x))
+            return type("Out", (), {"loss": (self.w * x).sum()})()
+
+    recipe = bm.Recipe(steps=40, short_first=0.5, tasks=("needle",))
+    bm.train(Model(), bm.Spec(), recipe, None, [64, 256, 1024], np.random.default_rng(0))
+    assert seen[:20] == [64] * 20
+    assert set(seen[20:]) == {64, 256, 1024}
