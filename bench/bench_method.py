@@ -83,19 +83,19 @@ class Spec:
     amplitude: float = 3.0
     """RMS per feature channel of a planted pattern (patterns are unit-RMS vectors x this)."""
     needle_patches: int = 4
-    """Patches of the one frame that carry the additive needle (all 4 by default). At this scale the tiny
-    LLM does not learn to find a one-frame event filling 1 of 4 patches within 1000 steps (loss
-    stays at chance, 8 frames all kept), nor 3 of 4 within 400 steps of the task mix, while a
-    whole-frame one reaches 70% at 16 frames in 300 needle-only steps."""
+    """Patches of the one frame that carry the additive needle (all 4 by default). At this
+    scale the tiny LLM does not learn to find a one-frame event filling 1 of 4 patches within
+    1000 steps (loss stays at chance, 8 frames all kept), while a whole-frame one does."""
     needle_kind: str = "layout"
     """"layout": the needle frame's patches show the same parts in every class, rotated by the
     class index (a shape told from another by where its parts are, like b/d or 6/9), so a mean
     over the frame's group is identical for all classes: average pooling is blind to the class
-    by construction, while GPA's weights and the scan's order see it. "additive": one pattern per
-    class added to `needle_patches` patches, which a mean keeps (it ties MambaMia with pooling)."""
+    by construction, while GPA's weights and the scan's order can see it. "additive": one pattern
+    per class added to `needle_patches` patches, which a mean keeps (pooling then ties MambaMia)."""
     needle_amplitude: float = 4.5
-    """RMS per channel of each layout part. At 3.0 the 2-patch form of this task stayed at chance
-    for 2000 steps; 4 parts at 4.5 reached 59% at 16 frames in 800 steps (mambamia, one seed)."""
+    """RMS per channel of each layout part. Two parts in 2 of the 4 patches (the first form
+    tried) stayed at chance: 800 steps at 64 frames at 3.0 and at 4.5, 2000 steps at 16 frames
+    at 4.5; four parts at 4.5 reached 59% at 16 frames in 800 steps (mambamia, one seed)."""
     keyframes: int = 8
     """Frames kept by every variant: the token budget is keyframes x (patches/k + 1)."""
     keep_first_last: bool = False
