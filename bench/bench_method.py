@@ -54,7 +54,8 @@ from model.compressor import VideoCompressor  # noqa: E402
 from model.config import CompressorConfig, VideoLLMConfig  # noqa: E402
 from model.video_llm import VideoLLM  # noqa: E402
 from trainer.engine import lr_factor  # noqa: E402
-from trainer.evaluate import ModelQA, QAItem, choose_option  # noqa: E402
+from trainer.evaluate import ModelQA, QAItem, choose_option, write_atomic  # noqa: E402
+from trainer.plots import save_figure  # noqa: E402
 from trainer.tiny import build_llm, build_tokenizer, warm_up_llm  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -343,12 +344,7 @@ def plot(table: dict, variants: list[str], lengths: list[int], tasks: tuple, pat
         ax.set_xlabel("frames per video")
     axes[0].set_ylabel("accuracy (mean ± std over seeds)")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def score_profile(model: VideoCompressor, spec: Spec, frames: int, seed: int = 0) -> dict:
@@ -515,9 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"spec": dataclasses.asdict(spec), "recipe": dataclasses.asdict(recipe),
               "runs": runs, "table": table, "wall_s": wall, "plot": str(png)}
     path = args.out / ("bench_method_quick.json" if args.quick else "bench_method.json")
-    tmp_path = path.with_name(f".{path.name}.tmp")
-    tmp_path.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp_path, path)
+    write_atomic(path, json.dumps(report, indent=1) + "\n")
     longest = lengths[-1]
     summary = {"bench": "method", "wall_s": round(wall, 1), "frames": longest, "plot": str(png),
                "accuracy_at_longest": {t: {v: round(table[f"{v}/{longest}/{t}"]["mean"], 3)
